@@ -1,0 +1,3 @@
+"""LLM routing ext_proc server for Envoy."""
+
+__version__ = "0.1.0"

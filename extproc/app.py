@@ -1,0 +1,143 @@
+"""Assembles one server process: discovery, the router, the gRPC server and the HTTP server.
+
+``Server`` is what ``extproc serve`` runs and what tests start in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from extproc import http_server
+from extproc.config import ConfigError, Settings
+from extproc.discovery.static import StaticDiscovery
+from extproc.gateway import Gateway
+from extproc.pods import PodRegistry
+from extproc.router import Router
+from extproc.servicer import ExternalProcessor
+from extproc.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+EXT_PROC_SERVICE = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
+GRPC_OVERHEAD_BYTES = 1024 * 1024
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.telemetry = Telemetry()
+        self.registry = PodRegistry(stale_after=settings.metrics_stale_after)
+        self.router = Router(self.telemetry, settings.strategy_options)
+        self.gateway = Gateway(settings, self.registry, self.router, self.telemetry)
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self.http_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        if settings.config is None:
+            raise ConfigError(
+                "config", "static discovery needs --config FILE listing the pods (see README)"
+            )
+        self.discovery = StaticDiscovery(
+            settings.config, self.registry, self.telemetry, settings.static_reload_interval
+        )
+        self.telemetry.watch_fleet(self.registry)
+        self.registry.on_removed(self._forget_pod)
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.discovery.load_initial()
+        message_limit = settings.max_body_bytes + GRPC_OVERHEAD_BYTES
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", message_limit),
+                ("grpc.max_send_message_length", message_limit),
+            ]
+        )
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessor(self.gateway), self._grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (
+                EXT_PROC_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._grpc,
+        )
+        address = f"{_bracket(settings.host)}:{settings.port}"
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        except RuntimeError:
+            raise OSError(f"cannot bind the gRPC port {address} (already in use?)") from None
+        await self._grpc.start()
+
+        self._http = web.AppRunner(http_server.make_app(self.gateway), access_log=None)
+        await self._http.setup()
+        site = web.TCPSite(self._http, settings.host, settings.http_port, reuse_port=False)
+        await site.start()
+        self.http_port = int(self._http.addresses[0][1])
+
+        self._tasks.append(asyncio.create_task(self.discovery.run(), name="static-discovery"))
+        await self._set_serving(True)
+        log.info(
+            "serving ext_proc on %s:%d, metrics on :%d",
+            settings.host,
+            self.grpc_port,
+            self.http_port,
+        )
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", EXT_PROC_SERVICE):
+            await self.health.set(service, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking streams, let open ones finish for ``grace`` seconds, then cancel them."""
+        self.gateway.draining = True
+        await self._set_serving(False)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._http is not None:
+            await self._http.cleanup()
+        self._stopped.set()
+
+    async def run_until_signalled(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        grace = self.settings.drain_seconds
+        log.info("signal received; draining for up to %.1fs", grace)
+        await self.stop(grace)
+
+    def _forget_pod(self, name: str) -> None:
+        self.router.forget_pod(name)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

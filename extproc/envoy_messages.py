@@ -1,0 +1,130 @@
+"""Builders for the ext_proc ``ProcessingResponse`` messages the server sends back to Envoy.
+
+Responses that never vary are built once at import; the hot path only builds what carries
+per-request values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyMutation,
+    BodyResponse,
+    CommonResponse,
+    HeaderMutation,
+    HeadersResponse,
+    ImmediateResponse,
+    ProcessingResponse,
+    StreamedBodyResponse,
+    TrailersResponse,
+)
+from envoy.type.v3.http_status_pb2 import HttpStatus
+
+from extproc.errors import GatewayError
+
+OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+BodyMode = ProcessingMode.BodySendMode
+
+CONTINUE_REQUEST_HEADERS = ProcessingResponse(request_headers=HeadersResponse())
+CONTINUE_REQUEST_BODY = ProcessingResponse(request_body=BodyResponse())
+CONTINUE_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
+CONTINUE_RESPONSE_BODY = ProcessingResponse(response_body=BodyResponse())
+CONTINUE_REQUEST_TRAILERS = ProcessingResponse(request_trailers=TrailersResponse())
+CONTINUE_RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
+
+SKIP_BODY_AND_RESPONSE = ProcessingMode(
+    request_body_mode=ProcessingMode.NONE,
+    response_header_mode=ProcessingMode.SKIP,
+    response_body_mode=ProcessingMode.NONE,
+)
+"""Mode override for requests the server does not route: nothing more to look at."""
+
+STREAM_RESPONSE_BODY = ProcessingMode(response_body_mode=ProcessingMode.STREAMED)
+"""Mode override asking for the response body, for requests whose token usage is needed."""
+
+JSON_CONTENT_TYPE = HeaderValueOption(
+    header=HeaderValue(key="content-type", raw_value=b"application/json"),
+    append_action=OVERWRITE,
+)
+
+
+def header(key: str, value: bytes) -> HeaderValueOption:
+    """A header that replaces any value the client sent."""
+    return HeaderValueOption(header=HeaderValue(key=key, raw_value=value), append_action=OVERWRITE)
+
+
+def mutation(headers: Iterable[HeaderValueOption], remove: Iterable[str] = ()) -> HeaderMutation:
+    return HeaderMutation(set_headers=headers, remove_headers=remove)
+
+
+def request_headers(
+    header_mutation: HeaderMutation | None = None,
+    clear_route_cache: bool = False,
+    mode: ProcessingMode | None = None,
+) -> ProcessingResponse:
+    return ProcessingResponse(
+        request_headers=HeadersResponse(
+            response=CommonResponse(
+                header_mutation=header_mutation, clear_route_cache=clear_route_cache
+            )
+        ),
+        mode_override=mode,
+    )
+
+
+def request_body(
+    header_mutation: HeaderMutation | None = None, clear_route_cache: bool = False
+) -> ProcessingResponse:
+    return ProcessingResponse(
+        request_body=BodyResponse(
+            response=CommonResponse(
+                header_mutation=header_mutation, clear_route_cache=clear_route_cache
+            )
+        )
+    )
+
+
+def streamed_request_body(body: bytes, end_of_stream: bool) -> ProcessingResponse:
+    """In FULL_DUPLEX_STREAMED mode the server hands the body back to Envoy itself."""
+    return ProcessingResponse(
+        request_body=BodyResponse(
+            response=CommonResponse(
+                body_mutation=BodyMutation(
+                    streamed_response=StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+                )
+            )
+        )
+    )
+
+
+def response_headers(
+    header_mutation: HeaderMutation, mode: ProcessingMode | None = None
+) -> ProcessingResponse:
+    return ProcessingResponse(
+        response_headers=HeadersResponse(response=CommonResponse(header_mutation=header_mutation)),
+        mode_override=mode,
+    )
+
+
+def immediate(
+    status: int, body: bytes, headers: Iterable[HeaderValueOption] = (), details: str = ""
+) -> ProcessingResponse:
+    return ProcessingResponse(
+        immediate_response=ImmediateResponse(
+            status=HttpStatus(code=status),
+            headers=HeaderMutation(set_headers=[JSON_CONTENT_TYPE, *headers]),
+            body=body,
+            details=details,
+        )
+    )
+
+
+def error(err: GatewayError, request_id: str) -> ProcessingResponse:
+    """An OpenAI-shaped JSON error as an ImmediateResponse (with Retry-After when set)."""
+    extra = [header("x-request-id", request_id.encode())]
+    if err.retry_after is not None:
+        extra.append(header("retry-after", str(err.retry_after).encode()))
+    return immediate(err.status, err.body(), extra, details=f"extproc_{err.code}")

@@ -1,0 +1,98 @@
+"""Every error the gateway returns, as one exception type with OpenAI's error shape.
+
+The exchange turns a ``GatewayError`` into an Envoy ImmediateResponse; nothing else may reach the
+client as an error, so the table in DESIGN section 4 lives here in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+
+@dataclass(eq=False)
+class GatewayError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | int = "invalid_request"
+    param: str | None = None
+    retry_after: int | None = None
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "code": self.code,
+                    "param": self.param,
+                }
+            }
+        )
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+def bad_request(
+    message: str, param: str | None = None, code: str = "invalid_request"
+) -> GatewayError:
+    return GatewayError(400, message, code=code, param=param)
+
+
+def invalid_json(detail: str) -> GatewayError:
+    return GatewayError(400, f"Request body is not valid JSON: {detail}", code="invalid_json")
+
+
+def model_required() -> GatewayError:
+    return GatewayError(400, "`model` is required", code="model_required", param="model")
+
+
+def model_not_found(model: str) -> GatewayError:
+    return GatewayError(
+        404, f"The model {model} does not exist.", code="model_not_found", param="model"
+    )
+
+
+def unknown_strategy(name: str, valid: list[str], header: str) -> GatewayError:
+    return GatewayError(
+        400,
+        f"Unknown routing strategy '{name}'. Valid strategies: {', '.join(valid)}",
+        code="unknown_routing_strategy",
+        param=header,
+    )
+
+
+def invalid_strategy(detail: str, header: str) -> GatewayError:
+    return GatewayError(
+        400, f"Invalid {header} header: {detail}", code="invalid_routing_strategy", param=header
+    )
+
+
+def no_ready_pod(model: str, retry_after: int) -> GatewayError:
+    return GatewayError(
+        503,
+        f"No ready pod serves model {model}; retry later.",
+        type="service_unavailable_error",
+        code="no_ready_pod",
+        retry_after=retry_after,
+    )
+
+
+def body_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"Request body is larger than the {limit}-byte limit.",
+        code="request_too_large",
+    )
+
+
+def internal(request_id: str) -> GatewayError:
+    return GatewayError(
+        500,
+        f"The gateway failed to process request {request_id}; it has been logged.",
+        type="server_error",
+        code="internal_error",
+    )

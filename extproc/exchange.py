@@ -1,0 +1,369 @@
+"""One HTTP request's passage through the gateway: the state machine behind one ext_proc stream.
+
+Envoy sends the request headers, then the body (one buffered message, or chunks), then the
+response headers (and the response body only when this exchange asked for it). The exchange
+answers each, routes once the whole body is in, and releases the request's accounting exactly
+once in ``close``, however the stream ends.
+
+Body modes: with BUFFERED the headers are answered at once and the route goes in the body
+answer. When Envoy sends the body without waiting for the headers answer (FULL_DUPLEX_STREAMED,
+or STREAMED with ``send_body_without_waiting_for_header_response``), the headers answer is held
+until the last chunk and carries the route; in FULL_DUPLEX_STREAMED the server also hands the
+body back to Envoy, unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from enum import Enum, auto
+
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    HttpBody,
+    HttpHeaders,
+    ProcessingRequest,
+    ProcessingResponse,
+)
+
+from extproc import envoy_messages as msgs
+from extproc import errors, openai_request
+from extproc.errors import GatewayError
+from extproc.gateway import DESTINATION_ENDPOINT, MODEL, REQUEST_ID, TARGET_POD, Gateway
+from extproc.openai_request import INFERENCE_PATHS, MODELS_PATH, Endpoint
+from extproc.router import Plan
+from strategies.base import PodView, RequestView, Timings
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("extproc.access")
+
+BodyMode = msgs.BodyMode
+NO_RESPONSES: tuple[ProcessingResponse, ...] = ()
+
+
+class State(Enum):
+    HEADERS = auto()
+    """Waiting for the request headers."""
+    BODY = auto()
+    """An inference request: collecting its body."""
+    PASSTHROUGH = auto()
+    """Not ours to route: answer whatever comes with 'continue'."""
+    ROUTED = auto()
+    """Routed (to a pod, or by model only); waiting for the response."""
+    DONE = auto()
+    """An immediate response was sent; Envoy sends nothing more that matters."""
+
+
+class Exchange:
+    __slots__ = (
+        "_body_chunks",
+        "_body_size",
+        "_closed",
+        "_decision_seconds",
+        "_duplex",
+        "_endpoint",
+        "_gw",
+        "_held_chunks",
+        "_hold_headers",
+        "_model",
+        "_plan",
+        "_pod",
+        "_request",
+        "_status",
+        "_strip",
+        "_timings",
+        "_user",
+        "request_id",
+        "state",
+    )
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+        self.state = State.HEADERS
+        self.request_id = ""
+        self._endpoint: Endpoint | None = None
+        self._plan: Plan | None = None
+        self._user: str | None = None
+        self._strip: list[str] = []
+        self._body_chunks: list[bytes] = []
+        self._body_size = 0
+        self._duplex = False
+        self._hold_headers = False
+        self._held_chunks = 0
+        self._model = ""
+        self._pod: PodView | None = None
+        self._request: RequestView | None = None
+        self._timings: Timings | None = None
+        self._status = ""
+        self._closed = False
+        self._decision_seconds = 0.0
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    async def handle(self, message: ProcessingRequest) -> Sequence[ProcessingResponse]:
+        """The responses to send for one message from Envoy (possibly none, possibly several)."""
+        kind = message.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                if message.HasField("protocol_config"):
+                    self._read_protocol(message)
+                return self._on_request_headers(message.request_headers)
+            if kind == "request_body":
+                return await self._on_request_body(message.request_body)
+            if kind == "response_headers":
+                return self._on_response_headers(message.response_headers)
+            if kind == "response_body":
+                return (msgs.CONTINUE_RESPONSE_BODY,)
+            if kind == "request_trailers":
+                return await self._on_request_trailers()
+            if kind == "response_trailers":
+                return (msgs.CONTINUE_RESPONSE_TRAILERS,)
+        except GatewayError as err:
+            return self._fail(err)
+        return NO_RESPONSES
+
+    def _read_protocol(self, message: ProcessingRequest) -> None:
+        config = message.protocol_config
+        mode = config.request_body_mode
+        self._duplex = mode == BodyMode.FULL_DUPLEX_STREAMED
+        self._hold_headers = self._duplex or (
+            mode in (BodyMode.STREAMED, BodyMode.BUFFERED_PARTIAL)
+            and config.send_body_without_waiting_for_header_response
+        )
+
+    # -- request headers -----------------------------------------------------------------------
+
+    def _on_request_headers(self, message: HttpHeaders) -> Sequence[ProcessingResponse]:
+        gw = self._gw
+        settings = gw.settings
+        strategy_header = settings.strategy_header
+        user_header = settings.user_header
+        path = method = strategy = None
+        for entry in message.headers.headers:
+            key = entry.key
+            if key == ":path":
+                path = _value(entry)
+            elif key == ":method":
+                method = _value(entry)
+            elif key == strategy_header:
+                strategy = _value(entry).strip()
+            elif key == user_header:
+                self._user = _value(entry) or None
+            elif key == REQUEST_ID:
+                self.request_id = _value(entry)
+            elif key in (TARGET_POD, DESTINATION_ENDPOINT):
+                # Only the gateway may pick a pod: a client-supplied target is an open proxy.
+                self._strip.append(key)
+        if not self.request_id:
+            self.request_id = os.urandom(16).hex()
+
+        route_path = (path or "").partition("?")[0]
+        endpoint = INFERENCE_PATHS.get(route_path)
+        if endpoint is None or method != "POST":
+            if route_path == MODELS_PATH and method == "GET":
+                self.state = State.DONE
+                self._status = "200"
+                return (msgs.immediate(200, gw.models_body(), details="extproc_models"),)
+            self.state = State.PASSTHROUGH
+            return (self._passthrough_headers(),)
+
+        self._endpoint = endpoint
+        self.state = State.BODY
+        if strategy:
+            self._plan = gw.router.plan(strategy, strategy_header)
+        else:
+            self._plan = gw.default_plan
+        if message.end_of_stream:
+            raise errors.invalid_json("the body is empty")
+        if self._hold_headers:
+            return NO_RESPONSES
+        if self._strip:
+            return (msgs.request_headers(msgs.mutation((), self._strip), clear_route_cache=True),)
+        return (msgs.CONTINUE_REQUEST_HEADERS,)
+
+    def _passthrough_headers(self) -> ProcessingResponse:
+        if not self._strip:
+            return msgs.request_headers(mode=msgs.SKIP_BODY_AND_RESPONSE)
+        return msgs.request_headers(
+            msgs.mutation((), self._strip), clear_route_cache=True, mode=msgs.SKIP_BODY_AND_RESPONSE
+        )
+
+    # -- request body --------------------------------------------------------------------------
+
+    async def _on_request_body(self, message: HttpBody) -> Sequence[ProcessingResponse]:
+        state = self.state
+        if state is State.PASSTHROUGH:
+            if self._duplex:
+                return (msgs.streamed_request_body(message.body, message.end_of_stream),)
+            return (msgs.CONTINUE_REQUEST_BODY,)
+        if state is not State.BODY:
+            return NO_RESPONSES
+        chunk = message.body
+        self._body_size += len(chunk)
+        limit = self._gw.settings.max_body_bytes
+        if self._body_size > limit:
+            raise errors.body_too_large(limit)
+        if not message.end_of_stream:
+            self._body_chunks.append(chunk)
+            if self._hold_headers:
+                self._held_chunks += 1
+                return NO_RESPONSES
+            return (msgs.CONTINUE_REQUEST_BODY,)
+        if self._body_chunks:
+            self._body_chunks.append(chunk)
+            chunk = b"".join(self._body_chunks)
+            self._body_chunks = []
+        return await self._route(chunk, trailers=False)
+
+    async def _on_request_trailers(self) -> Sequence[ProcessingResponse]:
+        if self.state is not State.BODY:
+            return (msgs.CONTINUE_REQUEST_TRAILERS,)
+        body = b"".join(self._body_chunks)
+        self._body_chunks = []
+        return await self._route(body, trailers=True)
+
+    # -- routing -------------------------------------------------------------------------------
+
+    async def _route(self, body: bytes, trailers: bool) -> Sequence[ProcessingResponse]:
+        gw = self._gw
+        assert self._endpoint is not None
+        request = openai_request.parse(self._endpoint, body)
+        model = request.model
+        if not gw.registry.knows_model(model):
+            raise errors.model_not_found(model)
+        self._model = model
+        request_id = self.request_id.encode()
+        headers = [msgs.header(MODEL, model.encode()), msgs.header(REQUEST_ID, request_id)]
+        plan = self._plan
+        if plan is not None:
+            pods = gw.registry.candidates(model)
+            if not pods:
+                raise errors.no_ready_pod(model, gw.settings.retry_after_seconds)
+            now = time.monotonic()
+            view = RequestView(
+                request_id=self.request_id,
+                model=model,
+                user=self._user,
+                now=now,
+                prompt_length=request.prompt_length,
+                max_tokens=request.max_tokens,
+                stream=request.stream,
+            )
+            decision = gw.router.decide(plan, view, pods)
+            self._decision_seconds = decision.seconds
+            pod = decision.pod
+            self._claim(pod, view, now)
+            address = pod.address.encode()
+            headers.append(msgs.header(TARGET_POD, address))
+            headers.append(msgs.header(gw.settings.strategy_header, plan.header_value))
+            if gw.settings.destination_endpoint_header:
+                headers.append(msgs.header(DESTINATION_ENDPOINT, address))
+        self.state = State.ROUTED
+        mutation = msgs.mutation(headers, self._strip)
+        if not self._hold_headers:
+            return (msgs.request_body(mutation, clear_route_cache=True),)
+        responses = [msgs.request_headers(mutation, clear_route_cache=True)]
+        if self._duplex:
+            responses.append(msgs.streamed_request_body(body, end_of_stream=not trailers))
+        else:
+            responses.extend([msgs.CONTINUE_REQUEST_BODY] * (self._held_chunks + (not trailers)))
+        if trailers:
+            responses.append(msgs.CONTINUE_REQUEST_TRAILERS)
+        return responses
+
+    def _claim(self, pod: PodView, view: RequestView, now: float) -> None:
+        """Count the request against ``pod`` until ``close`` releases it."""
+        pod.in_flight += 1
+        pod.sent_since_scrape += 1
+        self._pod = pod
+        self._request = view
+        self._timings = Timings(routed_at=now)
+        self._gw.router.routed(view, pod)
+
+    # -- response ------------------------------------------------------------------------------
+
+    def _on_response_headers(self, message: HttpHeaders) -> Sequence[ProcessingResponse]:
+        for entry in message.headers.headers:
+            if entry.key == ":status":
+                self._status = _value(entry)
+                break
+        if self.state is not State.ROUTED:
+            return (msgs.CONTINUE_RESPONSE_HEADERS,)
+        headers = [msgs.header(REQUEST_ID, self.request_id.encode())]
+        pod, plan = self._pod, self._plan
+        if pod is not None and plan is not None:
+            assert self._timings is not None
+            self._timings.first_byte_at = time.monotonic()
+            headers.append(msgs.header(TARGET_POD, pod.name.encode()))
+            headers.append(msgs.header(self._gw.settings.strategy_header, plan.header_value))
+        return (msgs.response_headers(msgs.mutation(headers)),)
+
+    # -- errors and the end --------------------------------------------------------------------
+
+    def _fail(self, err: GatewayError) -> Sequence[ProcessingResponse]:
+        self.state = State.DONE
+        self._status = str(err.status)
+        if err.status >= 500:
+            log.warning("%s", err, extra={"request_id": self.request_id})
+        return (msgs.error(err, self.request_id),)
+
+    def fail_internal(self) -> ProcessingResponse | None:
+        """A 500 JSON answer after an unexpected exception, when it can still reach the client."""
+        if self.state in (State.HEADERS, State.BODY):
+            self.state = State.DONE
+            self._status = "500"
+            return msgs.error(errors.internal(self.request_id), self.request_id)
+        return None
+
+    def close(self) -> None:
+        """Release the request's accounting. Idempotent: the first call does the work."""
+        if self._closed:
+            return
+        self._closed = True
+        gw = self._gw
+        status = self._status or "cancelled"
+        pod = self._pod
+        if pod is None:
+            if self._endpoint is not None:
+                model = self._model if self._model else "unknown"
+                strategy = self._plan.metric_label if self._plan else "none"
+                gw.telemetry.requests.labels(model, strategy, status).inc()
+            return
+        self._pod = None
+        pod.in_flight -= 1
+        telemetry = gw.telemetry
+        timings = self._timings
+        request = self._request
+        assert timings is not None and request is not None and self._plan is not None
+        now = time.monotonic()
+        timings.finished_at = now
+        gw.router.finished(request, pod, None, timings)
+        telemetry.requests.labels(self._model, self._plan.metric_label, status).inc()
+        telemetry.request_seconds.labels(self._model).observe(now - timings.routed_at)
+        if timings.first_byte_at is not None:
+            telemetry.first_byte_seconds.labels(self._model).observe(
+                timings.first_byte_at - timings.routed_at
+            )
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "routed",
+                extra={
+                    "request_id": self.request_id,
+                    "model": self._model,
+                    "strategy": self._plan.label,
+                    "pod": pod.name,
+                    "status": status,
+                    "decision_ms": round(self._decision_seconds * 1000, 3),
+                    "duration_ms": round((now - timings.routed_at) * 1000, 3),
+                },
+            )
+
+
+def _value(entry: object) -> str:
+    """A header's value: Envoy sends ``raw_value`` bytes (``value`` in older versions)."""
+    raw: bytes = entry.raw_value  # type: ignore[attr-defined]
+    if raw:
+        return raw.decode("utf-8", "replace")
+    value: str = entry.value  # type: ignore[attr-defined]
+    return value

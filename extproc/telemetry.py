@@ -1,0 +1,119 @@
+"""Prometheus metrics, all prefixed ``extproc_``, in a registry owned by one server instance.
+
+Labels are bounded: model names the registry knows (anything else is ``unknown``), strategy names
+from the registry (weighted lists are ``weighted``), pod names from discovery. Never a user or a
+request id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from extproc.pods import PodRegistry
+
+DECISION_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# The *_created series only double the exposition size.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class Telemetry:
+    """Every metric the server exports. One instance per server, so tests can run several."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        process_collector.ProcessCollector(registry=self.registry)
+        platform_collector.PlatformCollector(registry=self.registry)
+        gc_collector.GCCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter(
+            "extproc_requests",
+            "Inference requests by model, strategy and final HTTP status (or 'cancelled').",
+            ["model", "strategy", "status"],
+            registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "extproc_routing_decision_seconds",
+            "Time to choose a pod (strategy scoring, tie-break, hooks).",
+            ["strategy"],
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "extproc_request_duration_seconds",
+            "Routed request life at the gateway, from routing to stream end.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_byte_seconds = Histogram(
+            "extproc_time_to_response_headers_seconds",
+            "From routing to the upstream response headers (time to first byte).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "extproc_routing_fallback",
+            "Times a strategy could not decide and least-request was used instead.",
+            ["strategy", "reason"],
+            registry=r,
+        )
+        self.streams = Gauge(
+            "extproc_streams_active", "Open ext_proc streams (one per HTTP request).", registry=r
+        )
+        self.discovery_errors = Counter(
+            "extproc_discovery_errors",
+            "Discovery updates rejected (the last good pod set is kept).",
+            ["provider"],
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "extproc_internal_errors",
+            "Unexpected exceptions while processing a stream (answered with a 500 JSON error).",
+            registry=r,
+        )
+
+    def watch_fleet(self, pods: PodRegistry) -> None:
+        self.registry.register(FleetCollector(pods))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class FleetCollector(Collector):
+    """Per-pod gauges read from the registry at scrape time, so routing never touches them."""
+
+    def __init__(self, pods: PodRegistry) -> None:
+        self._pods = pods
+
+    def collect(self) -> Iterable[Metric]:
+        in_flight = GaugeMetricFamily(
+            "extproc_pod_in_flight",
+            "Requests this process routed to the pod that have not finished.",
+            labels=["pod", "model"],
+        )
+        ready = GaugeMetricFamily(
+            "extproc_pod_ready", "1 when the pod is a routing candidate.", labels=["pod", "model"]
+        )
+        for pod in self._pods.pods():
+            view = pod.view
+            in_flight.add_metric([view.name, view.model], view.in_flight)
+            ready.add_metric([view.name, view.model], 1.0 if view.ready else 0.0)
+        yield in_flight
+        yield ready

@@ -1,0 +1,1 @@
+"""Developer tools: vLLM simulator, local stack, benchmark harness, code generation."""

@@ -1,0 +1,312 @@
+"""``extproc dev``: simulated vLLM pods, the server and a real Envoy, all on loopback.
+
+``LocalStack`` is also what the end-to-end tests and the benchmark harness start, so the stack a
+developer pokes at by hand is the one the tests prove.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tools.envoy_bootstrap import GatewayLayout, bootstrap
+from tools.processes import Managed, bin_path, free_port
+
+
+@dataclass
+class SimPod:
+    name: str
+    port: int
+    model: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+
+@dataclass
+class StackConfig:
+    pods: int = 3
+    models: Sequence[str] = ("llama-3-8b",)
+    gateway_port: int = 0
+    grpc_port: int = 0
+    http_port: int = 0
+    admin_port: int = 0
+    base_pod_port: int = 0
+    """0 picks free ports for everything (tests); the CLI uses fixed, memorable ones."""
+    sim_defaults: dict[str, Any] = field(default_factory=dict)
+    pod_params: Mapping[int, dict[str, Any]] = field(default_factory=dict)
+    """Per-pod simulator overrides by pod index (a slow pod, a pod with a hung /metrics...)."""
+    server_args: Sequence[str] = ()
+    server_env: Mapping[str, str] = field(default_factory=dict)
+    server_settings: dict[str, Any] = field(default_factory=dict)
+    """Extra keys for the server's YAML config file."""
+    extra_pods: Sequence[dict[str, Any]] = ()
+    """Static pod entries beyond the simulated ones (e.g. a pod that is never ready)."""
+    layout: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ``GatewayLayout`` fields (body mode, timeouts...)."""
+    direct_listener: bool = False
+    """Also open an Envoy listener that goes straight to pod 0 (the latency baseline)."""
+    workdir: Path | None = None
+
+
+class LocalStack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if config.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="extproc-dev-")
+            self.workdir = Path(self._tmp.name)
+        else:
+            self.workdir = config.workdir
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        port = config.base_pod_port
+        self.pods = [
+            SimPod(
+                name=f"sim-{i}",
+                port=(port + i) if port else free_port(),
+                model=config.models[i % len(config.models)],
+                params=dict(config.pod_params.get(i, {})),
+            )
+            for i in range(config.pods)
+        ]
+        self.gateway_port = config.gateway_port or free_port()
+        self.grpc_port = config.grpc_port or free_port()
+        self.http_port = config.http_port or free_port()
+        self.admin_port = config.admin_port or free_port()
+        self.direct_port = free_port() if config.direct_listener else None
+        self.pods_file = self.workdir / "pods.yaml"
+        self.processes: list[Managed] = []
+        self.sim: Managed | None = None
+        self.server: Managed | None = None
+        self.envoy: Managed | None = None
+
+    # -- addresses -----------------------------------------------------------------------------
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def direct_url(self) -> str:
+        assert self.direct_port is not None
+        return f"http://127.0.0.1:{self.direct_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/metrics"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def pods_document(self, pods: Sequence[SimPod] | None = None) -> dict[str, Any]:
+        return {
+            **self.config.server_settings,
+            "pods": [
+                *[
+                    {"name": p.name, "address": p.address, "model": p.model}
+                    for p in (self.pods if pods is None else pods)
+                ],
+                *self.config.extra_pods,
+            ],
+        }
+
+    def write_pods(self, pods: Sequence[SimPod] | None = None) -> None:
+        """(Re)write the server's static file; the server picks changes up on its own."""
+        tmp = self.pods_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(self.pods_document(pods), sort_keys=False))
+        tmp.replace(self.pods_file)
+
+    def layout(self) -> GatewayLayout:
+        models: dict[str, list[str]] = {}
+        for pod in self.pods:
+            models.setdefault(pod.model, []).append(pod.address)
+        layout = GatewayLayout(
+            listen_port=self.gateway_port,
+            admin_port=self.admin_port,
+            extproc_port=self.grpc_port,
+            models=models,
+            direct_port=self.direct_port,
+            direct_target=self.pods[0].address if self.pods else None,
+        )
+        return dataclasses.replace(layout, **self.config.layout)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> LocalStack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        logs = self.workdir / "logs"
+        sim_config = {
+            "defaults": self.config.sim_defaults,
+            "pods": [
+                {"name": p.name, "port": p.port, "model": p.model, **p.params} for p in self.pods
+            ],
+        }
+        sim_file = self.workdir / "sim.yaml"
+        sim_file.write_text(yaml.safe_dump(sim_config, sort_keys=False))
+        if self.pods:
+            self.sim = self._spawn(
+                "simulator",
+                [sys.executable, "-m", "tools.vllm_sim", "--config", str(sim_file)],
+                logs / "simulator.log",
+            )
+            for pod in self.pods:
+                self.sim.wait_http(f"{pod.url}/health")
+
+        self.write_pods()
+        self.server = self._spawn(
+            "extproc",
+            [
+                bin_path("extproc"),
+                "serve",
+                "--config",
+                str(self.pods_file),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.grpc_port),
+                "--http-port",
+                str(self.http_port),
+                *self.config.server_args,
+            ],
+            logs / "extproc.log",
+            env=self.config.server_env,
+        )
+        self.server.wait_http(f"http://127.0.0.1:{self.http_port}/readyz")
+
+        envoy_file = self.workdir / "envoy.yaml"
+        envoy_file.write_text(yaml.safe_dump(bootstrap(self.layout()), sort_keys=False))
+        self.envoy = self._spawn(
+            "envoy",
+            [
+                bin_path("envoy"),
+                "-c",
+                str(envoy_file),
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+                "--disable-hot-restart",
+            ],
+            logs / "envoy.log",
+        )
+        self.envoy.wait_http(f"http://127.0.0.1:{self.admin_port}/ready")
+        self.envoy.wait_port(self.gateway_port)
+
+    def _spawn(
+        self, name: str, argv: list[str], log: Path, env: Mapping[str, str] | None = None
+    ) -> Managed:
+        process = Managed(name, argv, log, env=env).start()
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def dead(self) -> list[Managed]:
+        return [p for p in self.processes if not p.alive()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``extproc dev`` command: start everything, print how to use it, wait for Ctrl-C."""
+    config = StackConfig(
+        pods=args.pods,
+        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        gateway_port=args.gateway_port,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        admin_port=args.admin_port,
+        base_pod_port=args.base_pod_port,
+        server_args=(
+            ["--routing-strategy", args.routing_strategy] if args.routing_strategy else []
+        ),
+        workdir=Path(args.workdir) if args.workdir else None,
+    )
+    stack = LocalStack(config)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(
+        f"starting {config.pods} simulated pods, the server and Envoy (logs in "
+        f"{stack.workdir / 'logs'}) ...",
+        flush=True,
+    )
+    try:
+        stack.start()
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"extproc dev: {exc}", file=sys.stderr)
+        return 1
+    model = stack.pods[0].model if stack.pods else config.models[0]
+    print(_banner(stack, model), flush=True)
+    try:
+        while not stopping.wait(0.5):
+            dead = stack.dead()
+            if dead:
+                print(
+                    f"extproc dev: {dead[0].name} exited; see {dead[0].log_path}\n{dead[0].tail()}",
+                    file=sys.stderr,
+                )
+                return 1
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+    return 0
+
+
+def _banner(stack: LocalStack, model: str) -> str:
+    lines = [
+        "",
+        f"gateway (Envoy)   {stack.gateway_url}",
+        f"ext_proc (gRPC)   {stack.grpc_address}",
+        f"metrics           {stack.metrics_url}",
+        f"envoy admin       http://127.0.0.1:{stack.admin_port}",
+        *[f"pod {p.name:<12}  {p.url}  model {p.model}" for p in stack.pods],
+        "",
+        "try:",
+        f"  curl {stack.gateway_url}/v1/chat/completions -H 'routing-strategy: random' "
+        f'-H \'Content-Type: application/json\' -d \'{{"model": "{model}", "messages": '
+        '[{"role": "user", "content": "Say this is a test!"}]}\' -i',
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
