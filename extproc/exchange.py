@@ -33,6 +33,7 @@ from extproc.errors import GatewayError
 from extproc.gateway import DESTINATION_ENDPOINT, MODEL, REQUEST_ID, TARGET_POD, Gateway
 from extproc.openai_request import INFERENCE_PATHS, MODELS_PATH, Endpoint
 from extproc.router import Plan
+from extproc.usage import UsageReader
 from strategies.base import PodView, RequestView, Timings
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,14 @@ class Exchange:
         "_held_chunks",
         "_hold_headers",
         "_model",
+        "_needs_usage",
         "_plan",
         "_pod",
         "_request",
         "_status",
         "_strip",
         "_timings",
+        "_usage",
         "_user",
         "request_id",
         "state",
@@ -98,6 +101,8 @@ class Exchange:
         self._status = ""
         self._closed = False
         self._decision_seconds = 0.0
+        self._needs_usage = False
+        self._usage: UsageReader | None = None
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -114,6 +119,8 @@ class Exchange:
             if kind == "response_headers":
                 return self._on_response_headers(message.response_headers)
             if kind == "response_body":
+                if self._usage is not None:
+                    self._usage.feed(message.response_body.body)
                 return (msgs.CONTINUE_RESPONSE_BODY,)
             if kind == "request_trailers":
                 return await self._on_request_trailers()
@@ -250,6 +257,7 @@ class Exchange:
                 max_tokens=request.max_tokens,
                 stream=request.stream,
             )
+            self._needs_usage = plan.needs_usage
             decision = gw.router.decide(plan, view, pods)
             self._decision_seconds = decision.seconds
             pod = decision.pod
@@ -297,6 +305,10 @@ class Exchange:
             self._timings.first_byte_at = time.monotonic()
             headers.append(msgs.header(TARGET_POD, pod.name.encode()))
             headers.append(msgs.header(self._gw.settings.strategy_header, plan.header_value))
+        if self._needs_usage and self._status.startswith("2"):
+            assert self._request is not None
+            self._usage = UsageReader(streaming=self._request.stream)
+            return (msgs.response_headers(msgs.mutation(headers), msgs.STREAM_RESPONSE_BODY),)
         return (msgs.response_headers(msgs.mutation(headers)),)
 
     # -- errors and the end --------------------------------------------------------------------
@@ -338,7 +350,12 @@ class Exchange:
         assert timings is not None and request is not None and self._plan is not None
         now = time.monotonic()
         timings.finished_at = now
-        gw.router.finished(request, pod, None, timings)
+        usage = None
+        if self._usage is not None:
+            usage = self._usage.result(request.prompt_length)
+            source = "missing" if usage is None else "estimated" if usage.estimated else "reported"
+            gw.telemetry.usage.labels(source).inc()
+        gw.router.finished(request, pod, usage, timings)
         telemetry.requests.labels(self._model, self._plan.metric_label, status).inc()
         telemetry.request_seconds.labels(self._model).observe(now - timings.routed_at)
         if timings.first_byte_at is not None:

@@ -77,6 +77,13 @@ class Telemetry:
         self.streams = Gauge(
             "extproc_streams_active", "Open ext_proc streams (one per HTTP request).", registry=r
         )
+        self.usage = Counter(
+            "extproc_response_usage",
+            "Responses read for token usage, by where the numbers came from "
+            "(reported by the pod, estimated from a stream without usage, or missing).",
+            ["source"],
+            registry=r,
+        )
         self.discovery_errors = Counter(
             "extproc_discovery_errors",
             "Discovery updates rejected (the last good pod set is kept).",

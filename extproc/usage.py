@@ -1,0 +1,133 @@
+"""Reading token usage from a response body as Envoy streams it to us, without changing it.
+
+Only asked for (mode override to STREAMED) when something needs tokens: a strategy that counts
+them, or a user with a TPM limit. A JSON answer carries ``usage`` near its end; a stream carries
+it in its last event only when the client asked (``stream_options.include_usage``). Without it the
+usage is estimated from the stream and marked ``estimated``.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from strategies.base import Usage
+
+WHOLE_BODY_LIMIT = 1024 * 1024
+"""JSON answers up to this size are parsed whole; larger ones are searched in their tail."""
+TAIL_BYTES = 64 * 1024
+CHARS_PER_TOKEN = 4
+"""Rough prompt size estimate when no usage was reported (typical for BPE vocabularies)."""
+
+_USAGE_KEY = b'"usage"'
+_EVENT = b"data:"
+
+
+class UsageReader:
+    __slots__ = ("_chunks", "_events", "_size", "_streaming", "_tail")
+
+    def __init__(self, streaming: bool) -> None:
+        self._streaming = streaming
+        self._chunks: list[bytes] = []
+        self._tail = b""
+        self._size = 0
+        self._events = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self._size += len(chunk)
+        if self._streaming:
+            self._events += chunk.count(_EVENT)
+            self._tail = (self._tail + chunk)[-TAIL_BYTES:]
+            return
+        if self._size <= WHOLE_BODY_LIMIT:
+            self._chunks.append(chunk)
+        else:
+            if self._chunks:
+                self._tail = b"".join(self._chunks)[-TAIL_BYTES:]
+                self._chunks = []
+            self._tail = (self._tail + chunk)[-TAIL_BYTES:]
+
+    def result(self, prompt_length: int) -> Usage | None:
+        """The reported usage, else an estimate for a stream, else ``None`` (nothing seen)."""
+        if self._size == 0:
+            return None
+        if not self._streaming and self._chunks:
+            usage = _from_document(b"".join(self._chunks))
+            if usage is not None:
+                return usage
+        usage = _from_tail(self._tail)
+        if usage is not None:
+            return usage
+        if not self._streaming:
+            return None
+        # One event per generated token is how vLLM streams; the first carries only the role and
+        # the last is [DONE], so they do not count.
+        completion = max(0, self._events - 2)
+        return Usage(
+            prompt_tokens=prompt_length // CHARS_PER_TOKEN,
+            completion_tokens=completion,
+            estimated=True,
+        )
+
+
+def _from_document(body: bytes) -> Usage | None:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    return _usage(document.get("usage"))
+
+
+def _from_tail(tail: bytes) -> Usage | None:
+    """The last ``"usage": {...}`` object in ``tail`` (balanced braces, no nesting surprises)."""
+    at = tail.rfind(_USAGE_KEY)
+    while at >= 0:
+        start = tail.find(b"{", at + len(_USAGE_KEY))
+        if start >= 0 and not tail[at + len(_USAGE_KEY) : start].strip(b" :\t\r\n"):
+            end = _matching_brace(tail, start)
+            if end > 0:
+                try:
+                    return _usage(orjson.loads(tail[start : end + 1]))
+                except orjson.JSONDecodeError:
+                    pass
+        at = tail.rfind(_USAGE_KEY, 0, at)
+    return None
+
+
+def _matching_brace(data: bytes, start: int) -> int:
+    depth = 0
+    in_string = False
+    escaped = False
+    for index in range(start, len(data)):
+        byte = data[index]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte == 0x7B:  # {
+            depth += 1
+        elif byte == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                return index
+    return -1
+
+
+def _usage(value: object) -> Usage | None:
+    """Chat/completions/embeddings name the fields ``prompt_tokens``/``completion_tokens``; the
+    Responses API names them ``input_tokens``/``output_tokens``."""
+    if not isinstance(value, dict):
+        return None
+    prompt = value.get("prompt_tokens", value.get("input_tokens"))
+    completion = value.get("completion_tokens", value.get("output_tokens", 0))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(prompt_tokens=prompt, completion_tokens=completion)
