@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -16,14 +17,21 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from extproc import http_server
+from extproc import http_server, prefix_tracker
 from extproc.config import ConfigError, Settings
 from extproc.discovery.static import StaticDiscovery
 from extproc.gateway import Gateway
 from extproc.pods import PodRegistry
+from extproc.ratelimit import RateLimiter
 from extproc.router import Router
+from extproc.scraper import Scraper
 from extproc.servicer import ExternalProcessor
 from extproc.telemetry import Telemetry
+from extproc.users import MemoryUserStore, RedisUserStore, UserStore
+from extproc.users_api import UsersApi
+
+if TYPE_CHECKING:
+    from extproc.cluster import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +45,17 @@ class Server:
         self.telemetry = Telemetry()
         self.registry = PodRegistry(stale_after=settings.metrics_stale_after)
         self.router = Router(self.telemetry, settings.strategy_options)
-        self.gateway = Gateway(settings, self.registry, self.router, self.telemetry)
+        self.users: UserStore = (
+            RedisUserStore(settings.redis_url, settings.redis_timeout)
+            if settings.redis_url
+            else MemoryUserStore()
+        )
+        self.limiter = RateLimiter(settings, self.users, self.telemetry)
+        self.users_api = UsersApi(settings, self.users, self.telemetry)
+        self.prefix = prefix_tracker.build(settings, self.registry, self.telemetry)
+        self.gateway = Gateway(
+            settings, self.registry, self.router, self.telemetry, self.limiter, self.prefix
+        )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.http_port = 0
@@ -45,19 +63,34 @@ class Server:
         self._http: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
-        if settings.config is None:
-            raise ConfigError(
-                "config", "static discovery needs --config FILE listing the pods (see README)"
+        self.discovery: StaticDiscovery | None = None
+        if settings.discovery == "static":
+            if settings.config is None:
+                raise ConfigError(
+                    "config", "static discovery needs --config FILE listing the pods (see README)"
+                )
+            self.discovery = StaticDiscovery(
+                settings.config, self.registry, self.telemetry, settings.static_reload_interval
             )
-        self.discovery = StaticDiscovery(
-            settings.config, self.registry, self.telemetry, settings.static_reload_interval
-        )
+        self.cluster: Cluster | None = None
+        if settings.discovery == "kubernetes" or settings.manage_httproutes:
+            from extproc.cluster import Cluster  # the kubernetes client loads only when needed
+
+            self.cluster = Cluster(settings, self.registry, self.telemetry)
         self.telemetry.watch_fleet(self.registry)
         self.registry.on_removed(self._forget_pod)
+        self.scraper = Scraper(
+            self.registry,
+            self.telemetry,
+            interval=settings.scrape_interval,
+            timeout=settings.scrape_timeout,
+            window=settings.metrics_window,
+        )
 
     async def start(self) -> None:
         settings = self.settings
-        self.discovery.load_initial()
+        if self.discovery is not None:
+            self.discovery.load_initial()
         message_limit = settings.max_body_bytes + GRPC_OVERHEAD_BYTES
         self._grpc = grpc.aio.server(
             options=[
@@ -90,15 +123,34 @@ class Server:
         site = web.TCPSite(self._http, settings.host, settings.http_port, reuse_port=False)
         await site.start()
         self.http_port = int(self._http.addresses[0][1])
+        await self.users_api.start()
+        self.limiter.start()
+        log.info(
+            "users API on :%d, users in %s",
+            self.users_api.port,
+            "redis" if self.users.remote else "memory (this process only)",
+        )
 
-        self._tasks.append(asyncio.create_task(self.discovery.run(), name="static-discovery"))
-        await self._set_serving(True)
+        if self.discovery is not None:
+            self._tasks.append(asyncio.create_task(self.discovery.run(), name="static-discovery"))
+        if self.cluster is not None:
+            self.cluster.start()
+        await self.scraper.start()
+        await self._set_serving(self.registry.loaded)
+        if not self.registry.loaded:
+            self._tasks.append(asyncio.create_task(self._serve_when_loaded(), name="await-pods"))
         log.info(
             "serving ext_proc on %s:%d, metrics on :%d",
             settings.host,
             self.grpc_port,
             self.http_port,
         )
+
+    async def _serve_when_loaded(self) -> None:
+        """Kubernetes discovery loads in the background; report SERVING once pods are known."""
+        if self.cluster is not None:
+            await self.cluster.wait_loaded()
+            await self._set_serving(True)
 
     async def _set_serving(self, serving: bool) -> None:
         status = (
@@ -113,13 +165,20 @@ class Server:
         """Stop taking streams, let open ones finish for ``grace`` seconds, then cancel them."""
         self.gateway.draining = True
         await self._set_serving(False)
+        if self._grpc is not None:
+            # Open streams keep routing with live metrics until they finish or grace ends.
+            await self._grpc.stop(grace)
+        await self.scraper.stop()
+        await self.prefix.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
+        if self.cluster is not None:
+            await self.cluster.stop()
+        await self.users_api.stop()
+        await self.limiter.stop()
         if self._http is not None:
             await self._http.cleanup()
         self._stopped.set()
@@ -137,6 +196,7 @@ class Server:
 
     def _forget_pod(self, name: str) -> None:
         self.router.forget_pod(name)
+        self.prefix.forget_pod(name)
 
 
 def _bracket(host: str) -> str:

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, get_args, get_origin, get_type_hints
 
 from extproc import config, logs
@@ -15,10 +15,12 @@ from extproc.config import ConfigError, Settings
 log = logging.getLogger("extproc")
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+def _add_settings_flags(
+    parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None
+) -> None:
     hints = get_type_hints(Settings)
     for f in config.fields():
-        if not f.metadata.get("cli", True):
+        if not f.metadata.get("cli", True) or (only is not None and f.name not in only):
             continue
         envs = ", ".join(config.env_names(f))
         help_text = f"{f.metadata['help']} (env {envs}; default {f.default!r})"
@@ -31,6 +33,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs["metavar"] = f.name.upper()
         parser.add_argument(config.flag_name(f), **kwargs)
+    if only is not None:
+        return
     parser.add_argument(
         "--strategy-option",
         action="append",
@@ -58,9 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--base-pod-port", type=int, default=8001, help="first simulated pod port")
     dev.add_argument("--grpc-port", type=int, default=50052, help="the server's gRPC port")
     dev.add_argument("--http-port", type=int, default=8080, help="the server's metrics port")
+    dev.add_argument("--users-port", type=int, default=8090, help="the server's users API port")
     dev.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
     dev.add_argument("--routing-strategy", default=None, help="server default strategy")
     dev.add_argument("--workdir", default=None, help="where generated configs go")
+
+    from extproc import httproutes_command
+
+    routes = commands.add_parser("httproutes", help="HTTPRoutes generated from model labels")
+    routes_commands = routes.add_subparsers(dest="httproutes_command", required=True)
+    render = routes_commands.add_parser(
+        "render",
+        help="print the HTTPRoutes (and ReferenceGrants) for the models in files or the cluster",
+    )
+    httproutes_command.add_arguments(render)
+    _add_settings_flags(render, only=httproutes_command.SETTINGS)
     return parser
 
 
@@ -72,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tools import devstack
 
         return devstack.run(args)
+    if args.command == "httproutes":
+        from extproc import httproutes_command
+
+        return httproutes_command.run(args)
     return 2
 
 
@@ -88,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         server = Server(settings)
-        asyncio.run(server.run_until_signalled())
+        run_loop(server.run_until_signalled(), settings.event_loop)
     except (ConfigError, PodFileError) as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
@@ -96,6 +116,20 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"extproc: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
+    """Run ``main`` on the configured event loop (uvloop when ``auto`` finds it)."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError("event_loop", "uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 if __name__ == "__main__":

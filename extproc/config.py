@@ -61,6 +61,36 @@ class Settings:
     )
     strategy_header: str = _knob("routing-strategy", "request header naming the strategy")
     user_header: str = _knob("user", "request header carrying the user identity")
+    users_port: int = _knob(
+        8090, "HTTP port of the users API (POST /CreateUser, /ReadUser, /UpdateUser, /DeleteUser)"
+    )
+    users_admin_token: str | None = _knob(
+        None,
+        "bearer token the users API requires when set; pass it as EXTPROC_USERS_ADMIN_TOKEN "
+        "(a flag shows in ps)",
+    )
+    redis_url: str | None = _knob(
+        None,
+        "Redis holding users and rate-limit windows, shared by replicas "
+        "(redis://[:password@]host:6379/0, rediss:// for TLS); unset keeps them in memory",
+    )
+    redis_timeout: float = _knob(
+        0.1, "bound on every Redis call (connect, rate-limit check, token charge, users API)"
+    )
+    redis_failure_policy: Literal["fail-open", "fail-closed"] = _knob(
+        "fail-open",
+        "when Redis fails or times out: fail-open serves the request without limits (warns, "
+        "counts), fail-closed answers 503",
+    )
+    redis_retry_interval: float = _knob(
+        1.0, "after a Redis failure, checks skip Redis this long and apply the policy at once"
+    )
+    unknown_user_policy: Literal["reject", "default-limits"] = _knob(
+        "reject",
+        "a user header naming no registered user: reject (401), or apply default_rpm/default_tpm",
+    )
+    default_rpm: int = _knob(0, "RPM of unregistered users under default-limits (0 = no limit)")
+    default_tpm: int = _knob(0, "TPM of unregistered users under default-limits (0 = no limit)")
     destination_endpoint_header: bool = _knob(
         False,
         "also set x-gateway-destination-endpoint (Gateway API Inference Extension convention)",
@@ -73,11 +103,80 @@ class Settings:
     static_reload_interval: float = _knob(
         1.0, "how often the static pod file is checked for changes"
     )
+    discovery: Literal["static", "kubernetes"] = _knob(
+        "static",
+        "where pods come from: the static file (--config), or the Kubernetes API (Pods labelled "
+        "model.aibrix.ai/name, LoRA adapters from ModelAdapter status.instances)",
+    )
+    kubeconfig: Path | None = _knob(
+        None,
+        "kubeconfig for the Kubernetes API; unset: the pod's service account in a cluster, "
+        "else $KUBECONFIG or ~/.kube/config",
+    )
+    watch_namespaces: str = _knob(
+        "",
+        "comma-separated namespaces whose model Pods, Deployments and ModelAdapters are watched; "
+        "empty watches all namespaces",
+    )
+    manage_httproutes: bool = _knob(
+        False,
+        "keep one HTTPRoute per model (from model.aibrix.ai/name labels) in gateway_namespace; "
+        "replicas elect one writer through a Lease",
+    )
+    gateway_namespace: str = _knob(
+        "aibrix-system", "namespace of the Gateway, the generated HTTPRoutes and their Lease"
+    )
+    gateway_name: str = _knob("aibrix-eg", "Gateway the generated HTTPRoutes attach to")
+    route_timeout: float = _knob(
+        120.0,
+        "request timeout of generated HTTPRoutes; per model: annotation "
+        "model.aibrix.ai/route-timeout",
+    )
+    lease_duration: float = _knob(
+        15.0,
+        "HTTPRoute writer Lease: renewed every third of this; a writer that stops renewing is "
+        "replaced after this long",
+    )
+    scrape_interval: float = _knob(0.1, "how often each pod's /metrics is scraped")
+    scrape_timeout: float = _knob(
+        0.5, "give up on one scrape after this long (a hung exporter delays only itself)"
+    )
     metrics_stale_after: float = _knob(
-        2.0, "pod metrics older than this count as missing (strategies fall back)"
+        1.0, "pod metrics older than this count as missing (strategies fall back)"
+    )
+    metrics_window: float = _knob(
+        30.0, "window over which request rates and mean latencies are derived from scrapes"
     )
     drain_seconds: float = _knob(
         5.0, "on SIGTERM, how long open streams may finish before the process exits"
+    )
+    tokenizer: Literal["character", "hf", "remote"] = _knob(
+        "character",
+        "how prompts are tokenised for prefix hashing: UTF-8 bytes, a local tokenizer.json "
+        "(hf_tokenizers), or the pod's vLLM /tokenize",
+    )
+    hf_tokenizers: dict[str, str] = _knob(
+        {},
+        "with tokenizer: hf, model name -> tokenizer.json path ('*' for any other model)",
+    )
+    remote_tokenizer_timeout: float = _knob(
+        0.2, "with tokenizer: remote, give up on /tokenize after this (character fallback)"
+    )
+    prefix_block_chars: int = _knob(64, "prefix block size in bytes (character tokenizer)")
+    prefix_block_tokens: int = _knob(16, "prefix block size in tokens (hf, remote, token ids)")
+    prefix_index_capacity: int = _knob(
+        500_000, "prefix index bound in blocks (about 200 bytes each); least recent evicted"
+    )
+    prefix_index_ttl: float = _knob(
+        600.0, "prefix index entries older than this count as evicted from the pod"
+    )
+    prefix_track_all: bool = _knob(
+        False,
+        "hash and record every routed request, not only those a prefix strategy routes, so the "
+        "index sees all traffic (costs hashing on every request)",
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = _knob(
+        "auto", "asyncio event loop; auto means uvloop when installed (faster scraping)"
     )
     log_format: Literal["text", "json"] = _knob("text", "log line format")
     log_level: Literal["debug", "info", "warning", "error"] = _knob("info", "log level")
@@ -89,7 +188,7 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("port", "http_port"):
+        for name in ("port", "http_port", "users_port"):
             value = getattr(self, name)
             if not 0 < value < 65536:
                 raise ConfigError(name, f"must be a TCP port (1-65535), got {value}")
@@ -97,17 +196,33 @@ class Settings:
         positive = (
             "max_body_bytes",
             "static_reload_interval",
+            "scrape_interval",
+            "scrape_timeout",
             "metrics_stale_after",
+            "metrics_window",
             "drain_seconds",
+            "remote_tokenizer_timeout",
+            "prefix_block_chars",
+            "prefix_block_tokens",
+            "prefix_index_capacity",
+            "prefix_index_ttl",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        if self.tokenizer == "hf":
+            if not self.hf_tokenizers:
+                raise ConfigError("hf_tokenizers", "tokenizer: hf needs model -> tokenizer.json")
+            for model, path in self.hf_tokenizers.items():
+                if not Path(path).is_file():
+                    raise ConfigError(f"hf_tokenizers.{model}", f"no such file: {path}")
         if self.retry_after_seconds < 0:
             raise ConfigError("retry_after_seconds", "must be >= 0")
         for name in ("strategy_header", "user_header"):
             if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", getattr(self, name)):
                 raise ConfigError(name, "must be a lower-case HTTP header name")
+        self._check_limits()
+        _check_kubernetes(self)
         if self.routing_strategy is not None:
             from strategies.selection import PlanSyntaxError, parse_weighted
 
@@ -127,6 +242,23 @@ class Settings:
             except registry.OptionError as exc:
                 raise ConfigError(f"strategy_options.{exc.key}", str(exc)) from None
 
+    def _check_limits(self) -> None:
+        """Users and rate-limit settings. Values are not echoed: the URL may hold a password."""
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError("redis_url", "must start with redis://, rediss:// or unix://")
+        if self.redis_timeout <= 0:
+            raise ConfigError("redis_timeout", f"must be > 0, got {self.redis_timeout}")
+        if self.redis_retry_interval < 0:
+            raise ConfigError("redis_retry_interval", "must be >= 0")
+        for name in ("default_rpm", "default_tpm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be >= 0 (0 means no limit)")
+        token = self.users_admin_token
+        if token is not None and (not token or any(ch.isspace() for ch in token)):
+            raise ConfigError("users_admin_token", "must be non-empty, without whitespace")
+
 
 def _check_host(host: str) -> None:
     try:
@@ -134,6 +266,29 @@ def _check_host(host: str) -> None:
     except ValueError:
         if host != "localhost":
             raise ConfigError("host", f"must be an IP address or localhost, got {host!r}") from None
+
+
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def watched_namespaces(settings: Settings) -> list[str]:
+    """``watch_namespaces`` as a list; empty means every namespace."""
+    return [n.strip() for n in settings.watch_namespaces.split(",") if n.strip()]
+
+
+def _check_kubernetes(settings: Settings) -> None:
+    names = [("gateway_namespace", settings.gateway_namespace)]
+    names += [("gateway_name", settings.gateway_name)]
+    names += [("watch_namespaces", n) for n in watched_namespaces(settings)]
+    for key, value in names:
+        if len(value) > 63 or not _DNS1123_LABEL.fullmatch(value):
+            raise ConfigError(key, f"{value!r} is not a Kubernetes name (DNS-1123 label)")
+    if not 0 < settings.route_timeout <= 86400:
+        raise ConfigError(
+            "route_timeout", f"must be > 0 and at most 24h, got {settings.route_timeout}"
+        )
+    if settings.lease_duration < 1:
+        raise ConfigError("lease_duration", f"must be >= 1s, got {settings.lease_duration}")
 
 
 def fields() -> list[dataclasses.Field[Any]]:

@@ -89,6 +89,38 @@ def body_too_large(limit: int) -> GatewayError:
     )
 
 
+def rate_limited(user: str, kind: str, limit: int, retry_after: int) -> GatewayError:
+    """``kind`` is ``RPM`` or ``TPM``. Message and integer code are the seed deployment's; the
+    type is OpenAI's for rate limits (``requests`` or ``tokens``)."""
+    return GatewayError(
+        429,
+        f"user: {user} has exceeded {kind}: {limit}",
+        type="requests" if kind == "RPM" else "tokens",
+        code=429,
+        retry_after=retry_after,
+    )
+
+
+def unknown_user(user: str, header: str) -> GatewayError:
+    return GatewayError(
+        401,
+        f"user: {user} is not registered",
+        type="authentication_error",
+        code="unknown_user",
+        param=header,
+    )
+
+
+def limits_unavailable(retry_after: int) -> GatewayError:
+    return GatewayError(
+        503,
+        "Rate limits cannot be checked right now; retry later.",
+        type="service_unavailable_error",
+        code="rate_limits_unavailable",
+        retry_after=retry_after,
+    )
+
+
 def internal(request_id: str) -> GatewayError:
     return GatewayError(
         500,

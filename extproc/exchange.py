@@ -34,7 +34,7 @@ from extproc.gateway import DESTINATION_ENDPOINT, MODEL, REQUEST_ID, TARGET_POD,
 from extproc.openai_request import INFERENCE_PATHS, MODELS_PATH, Endpoint
 from extproc.router import Plan
 from extproc.usage import UsageReader
-from strategies.base import PodView, RequestView, Timings
+from strategies.base import PodView, RequestView, Timings, Usage
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("extproc.access")
@@ -60,6 +60,7 @@ class Exchange:
     __slots__ = (
         "_body_chunks",
         "_body_size",
+        "_charge_tokens",
         "_closed",
         "_decision_seconds",
         "_duplex",
@@ -72,6 +73,7 @@ class Exchange:
         "_plan",
         "_pod",
         "_request",
+        "_scrape_mark",
         "_status",
         "_strip",
         "_timings",
@@ -97,12 +99,14 @@ class Exchange:
         self._model = ""
         self._pod: PodView | None = None
         self._request: RequestView | None = None
+        self._scrape_mark = 0.0
         self._timings: Timings | None = None
         self._status = ""
         self._closed = False
         self._decision_seconds = 0.0
         self._needs_usage = False
         self._usage: UsageReader | None = None
+        self._charge_tokens = False  # the user has a TPM limit: charge the response's usage
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -113,7 +117,7 @@ class Exchange:
             if kind == "request_headers":
                 if message.HasField("protocol_config"):
                     self._read_protocol(message)
-                return self._on_request_headers(message.request_headers)
+                return await self._on_request_headers(message.request_headers)
             if kind == "request_body":
                 return await self._on_request_body(message.request_body)
             if kind == "response_headers":
@@ -141,7 +145,7 @@ class Exchange:
 
     # -- request headers -----------------------------------------------------------------------
 
-    def _on_request_headers(self, message: HttpHeaders) -> Sequence[ProcessingResponse]:
+    async def _on_request_headers(self, message: HttpHeaders) -> Sequence[ProcessingResponse]:
         gw = self._gw
         settings = gw.settings
         strategy_header = settings.strategy_header
@@ -183,6 +187,9 @@ class Exchange:
             self._plan = gw.default_plan
         if message.end_of_stream:
             raise errors.invalid_json("the body is empty")
+        if self._user is not None:
+            # Before the body is read; README "When the check happens, and what it costs".
+            self._charge_tokens = await gw.limiter.admit(self._user)
         if self._hold_headers:
             return NO_RESPONSES
         if self._strip:
@@ -257,16 +264,33 @@ class Exchange:
                 max_tokens=request.max_tokens,
                 stream=request.stream,
             )
-            self._needs_usage = plan.needs_usage
+            self._needs_usage = self._charge_tokens or plan.needs_usage
+            hashes: list[int] | None = None
+            if plan.needs_prefix or gw.settings.prefix_track_all:
+                hashes = await gw.prefix.hashes(model, request)
+                view.prefix_blocks = len(hashes)
+                view.prefix_matches = gw.prefix.lookup(hashes, pods)
             decision = gw.router.decide(plan, view, pods)
             self._decision_seconds = decision.seconds
             pod = decision.pod
+            if hashes is not None:
+                gw.prefix.record(hashes, pod, view.prefix_matches.get(pod.name, 0))
             self._claim(pod, view, now)
             address = pod.address.encode()
             headers.append(msgs.header(TARGET_POD, address))
             headers.append(msgs.header(gw.settings.strategy_header, plan.header_value))
             if gw.settings.destination_endpoint_header:
                 headers.append(msgs.header(DESTINATION_ENDPOINT, address))
+        elif self._charge_tokens:
+            # Routed by model only, but the user's TPM limit needs the response's usage.
+            self._needs_usage = True
+            self._request = RequestView(
+                request_id=self.request_id,
+                model=model,
+                user=self._user,
+                prompt_length=request.prompt_length,
+                stream=request.stream,
+            )
         self.state = State.ROUTED
         mutation = msgs.mutation(headers, self._strip)
         if not self._hold_headers:
@@ -284,6 +308,7 @@ class Exchange:
         """Count the request against ``pod`` until ``close`` releases it."""
         pod.in_flight += 1
         pod.sent_since_scrape += 1
+        self._scrape_mark = pod.metrics_at
         self._pod = pod
         self._request = view
         self._timings = Timings(routed_at=now)
@@ -334,6 +359,9 @@ class Exchange:
             return
         self._closed = True
         gw = self._gw
+        usage = self._read_usage()
+        if usage is not None and self._charge_tokens and self._user is not None:
+            gw.limiter.charge(self._user, usage)
         status = self._status or "cancelled"
         pod = self._pod
         if pod is None:
@@ -344,17 +372,14 @@ class Exchange:
             return
         self._pod = None
         pod.in_flight -= 1
+        if pod.metrics_at == self._scrape_mark and pod.sent_since_scrape > 0:
+            pod.sent_since_scrape -= 1  # finished before any scrape could have seen it
         telemetry = gw.telemetry
         timings = self._timings
         request = self._request
         assert timings is not None and request is not None and self._plan is not None
         now = time.monotonic()
         timings.finished_at = now
-        usage = None
-        if self._usage is not None:
-            usage = self._usage.result(request.prompt_length)
-            source = "missing" if usage is None else "estimated" if usage.estimated else "reported"
-            gw.telemetry.usage.labels(source).inc()
         gw.router.finished(request, pod, usage, timings)
         telemetry.requests.labels(self._model, self._plan.metric_label, status).inc()
         telemetry.request_seconds.labels(self._model).observe(now - timings.routed_at)
@@ -375,6 +400,17 @@ class Exchange:
                     "duration_ms": round((now - timings.routed_at) * 1000, 3),
                 },
             )
+
+    def _read_usage(self) -> Usage | None:
+        """The response's token usage, when this exchange read the body for it (counted by
+        source); ``None`` otherwise or when nothing usable was seen."""
+        reader, request = self._usage, self._request
+        if reader is None or request is None:
+            return None
+        usage = reader.result(request.prompt_length)
+        source = "missing" if usage is None else "estimated" if usage.estimated else "reported"
+        self._gw.telemetry.usage.labels(source).inc()
+        return usage
 
 
 def _value(entry: object) -> str:

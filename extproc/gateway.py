@@ -9,6 +9,8 @@ import orjson
 
 from extproc.config import Settings
 from extproc.pods import PodRegistry
+from extproc.prefix_tracker import PrefixTracker
+from extproc.ratelimit import RateLimiter
 from extproc.router import Plan, Router
 from extproc.telemetry import Telemetry
 
@@ -24,6 +26,8 @@ class Gateway:
     registry: PodRegistry
     router: Router
     telemetry: Telemetry
+    limiter: RateLimiter
+    prefix: PrefixTracker
     draining: bool = False
     default_plan: Plan | None = field(init=False)
     _models_body: tuple[int, bytes] = field(init=False, default=(-1, b""))

@@ -64,6 +64,8 @@ class Pod:
     spec: PodSpec
     view: PodView
     became_ready_at: float | None = None
+    first_metrics_at: float | None = None
+    """When the scraper first published metrics for this pod (cold start ends)."""
 
 
 Listener = Callable[[], None]
@@ -142,6 +144,8 @@ class PodRegistry:
             # A new address is a new process: its old metrics and counters say nothing about it.
             view.metrics = None
             view.sent_since_scrape = 0
+            current.first_metrics_at = None
+            current.became_ready_at = now if spec.ready else None
         view.address, view.model, view.adapters = spec.address, spec.model, spec.adapters
         if spec.ready and not view.ready:
             view.ready_since = now

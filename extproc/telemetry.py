@@ -7,6 +7,7 @@ request id.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -84,6 +85,30 @@ class Telemetry:
             ["source"],
             registry=r,
         )
+        self.scrape_errors = Counter(
+            "extproc_scrape_errors",
+            "Failed metrics scrapes by pod and reason (timeout, connect, status, parse).",
+            ["pod", "reason"],
+            registry=r,
+        )
+        self.scrape_seconds = Histogram(
+            "extproc_scrape_duration_seconds",
+            "Time to fetch and parse one pod's /metrics.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.prefix_match_ratio = Histogram(
+            "extproc_prefix_match_ratio",
+            "Share of the prompt's blocks the chosen pod was believed to hold already.",
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0),
+            registry=r,
+        )
+        self.tokenizer_fallbacks = Counter(
+            "extproc_tokenizer_fallbacks",
+            "Prompts tokenised by the character tokenizer because the configured one failed.",
+            ["tokenizer"],
+            registry=r,
+        )
         self.discovery_errors = Counter(
             "extproc_discovery_errors",
             "Discovery updates rejected (the last good pod set is kept).",
@@ -93,6 +118,32 @@ class Telemetry:
         self.internal_errors = Counter(
             "extproc_internal_errors",
             "Unexpected exceptions while processing a stream (answered with a 500 JSON error).",
+            registry=r,
+        )
+        self.ratelimit_decisions = Counter(
+            "extproc_ratelimit_decisions",
+            "Rate-limit checks by outcome (admitted, rpm_exceeded, tpm_exceeded, unknown_user, "
+            "failed_open, failed_closed).",
+            ["decision"],
+            registry=r,
+        )
+        self.ratelimit_seconds = Histogram(
+            "extproc_ratelimit_check_seconds",
+            "Time of one rate-limit check (the Redis round trip with a Redis store).",
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.ratelimit_tokens = Counter(
+            "extproc_ratelimit_charged_tokens",
+            "Tokens charged to users' TPM windows, by source (reported by the pod, or "
+            "estimated from a stream that carried no usage).",
+            ["source"],
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "extproc_redis_errors",
+            "Failed or timed-out Redis calls by operation (admit, charge, users_api).",
+            ["operation"],
             registry=r,
         )
 
@@ -118,9 +169,27 @@ class FleetCollector(Collector):
         ready = GaugeMetricFamily(
             "extproc_pod_ready", "1 when the pod is a routing candidate.", labels=["pod", "model"]
         )
+        age = GaugeMetricFamily(
+            "extproc_pod_metrics_age_seconds",
+            "Age of the pod's latest scraped metrics (absent until the first scrape).",
+            labels=["pod", "model"],
+        )
+        coldstart = GaugeMetricFamily(
+            "extproc_pod_coldstart_seconds",
+            "From the pod becoming ready to its first scraped metrics.",
+            labels=["pod", "model"],
+        )
+        now = time.monotonic()
         for pod in self._pods.pods():
             view = pod.view
-            in_flight.add_metric([view.name, view.model], view.in_flight)
-            ready.add_metric([view.name, view.model], 1.0 if view.ready else 0.0)
+            labels = [view.name, view.model]
+            in_flight.add_metric(labels, view.in_flight)
+            ready.add_metric(labels, 1.0 if view.ready else 0.0)
+            if view.metrics is not None:
+                age.add_metric(labels, now - view.metrics_at)
+            if pod.first_metrics_at is not None and pod.became_ready_at is not None:
+                coldstart.add_metric(labels, max(0.0, pod.first_metrics_at - pod.became_ready_at))
         yield in_flight
         yield ready
+        yield age
+        yield coldstart

@@ -24,14 +24,34 @@ class CannotDecide(Exception):
 
 @dataclass(slots=True)
 class Histogram:
-    """A Prometheus histogram as scraped: cumulative bucket counts by upper bound, sum and count."""
+    """A Prometheus histogram's running ``_sum`` and ``_count`` (buckets are not needed)."""
 
-    buckets: tuple[tuple[float, float], ...] = ()
     sum: float = 0.0
     count: float = 0.0
 
-    def mean(self) -> float | None:
-        return self.sum / self.count if self.count > 0 else None
+
+@dataclass(slots=True)
+class MetricsWindow:
+    """What a pod did over the scraper's recent window, from counter and histogram deltas.
+
+    Means are ``None`` when no request finished on the pod during the window.
+    """
+
+    seconds: float = 0.0
+    requests: float = 0.0
+    prompt_tokens: float = 0.0
+    generation_tokens: float = 0.0
+    queue_seconds: float | None = None
+    ttft_seconds: float | None = None
+    e2e_seconds: float | None = None
+    mean_running: float = 0.0
+    """Average batch size (``running``) over the window's samples: the batch the latency means
+    were measured at."""
+
+    @property
+    def weighted_tokens(self) -> float:
+        """Prefill is roughly twice the work of decode per token: ``2 x prompt + completion``."""
+        return 2.0 * self.prompt_tokens + self.generation_tokens
 
 
 @dataclass(slots=True)
@@ -39,6 +59,7 @@ class PodMetrics:
     """One scrape of a pod's ``/metrics``, normalised (fractions in 0..1, seconds).
 
     A field is ``None`` when the pod does not export it; strategies must treat that as unknown.
+    ``window`` is derived by the scraper from successive scrapes (``None`` until it has two).
     """
 
     running: float | None = None
@@ -55,6 +76,7 @@ class PodMetrics:
     num_gpu_blocks: int | None = None
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
+    window: MetricsWindow | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -62,8 +84,9 @@ class PodView:
     """A pod as strategies see it. The server owns these objects and updates them in place.
 
     ``in_flight`` counts requests this gateway process routed to the pod and has not seen finish;
-    ``sent_since_scrape`` counts those routed since the last successful scrape, so a burst between
-    two scrapes is not invisible to the load estimate.
+    ``sent_since_scrape`` counts those routed since the last successful scrape and still open,
+    so a burst between two scrapes is not invisible to the load estimate, while a request that
+    already finished (and so is in no queue) does not count twice.
     """
 
     name: str
@@ -83,6 +106,13 @@ class PodView:
         metrics = self.metrics
         if metrics is None or now - self.metrics_at > self.stale_after:
             return None
+        return metrics
+
+    def metrics_or_raise(self, now: float) -> PodMetrics:
+        """Fresh metrics, else ``CannotDecide`` saying whether they are missing or stale."""
+        metrics = self.fresh_metrics(now)
+        if metrics is None:
+            raise CannotDecide("no-metrics" if self.metrics is None else "stale-metrics")
         return metrics
 
     def load(self, now: float) -> float:

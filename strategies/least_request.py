@@ -6,16 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from strategies.base import PodView, RequestView, Strategy
+from strategies.selection import lower_is_better
 
 
 @dataclass
 class LeastRequest(Strategy):
-    """Score ``1 - load / (max_load + smoothing)``.
-
-    Relative to the busiest candidate, so in a weighted list a one-request difference between two
-    busy pods moves the score a little, not from 0 to 1; ``smoothing`` keeps an idle fleet from
-    dividing by zero and softens the swing between 0 and 1 request.
-    """
+    """Score ``1 - load / (max_load + smoothing)`` over the load estimate of DESIGN section 5."""
 
     name = "least-request"
     smoothing: float = 1.0
@@ -26,6 +22,4 @@ class LeastRequest(Strategy):
 
     def score(self, request: RequestView, pods: Sequence[PodView]) -> Sequence[float]:
         now = request.now
-        loads = [pod.load(now) for pod in pods]
-        scale = max(loads) + self.smoothing
-        return [1.0 - load / scale for load in loads]
+        return lower_is_better([pod.load(now) for pod in pods], self.smoothing)

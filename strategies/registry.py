@@ -7,14 +7,28 @@ from collections.abc import Mapping
 from typing import Any
 
 from strategies.base import Strategy
+from strategies.least_busy_time import LeastBusyTime
+from strategies.least_kv_cache import LeastKvCache
+from strategies.least_latency import LeastLatency
 from strategies.least_request import LeastRequest
+from strategies.prefix_cache import PrefixCache
+from strategies.prefix_cache_and_load import PrefixCacheAndLoad
 from strategies.random_choice import RandomChoice
+from strategies.throughput import Throughput
+from strategies.vtc_basic import VtcBasic
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (
         RandomChoice,
         LeastRequest,
+        Throughput,
+        LeastBusyTime,
+        LeastKvCache,
+        LeastLatency,
+        PrefixCache,
+        PrefixCacheAndLoad,
+        VtcBasic,
     )
 }
 

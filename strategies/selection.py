@@ -44,6 +44,17 @@ def parse_weighted(value: str) -> list[tuple[str, float]]:
     return entries
 
 
+def lower_is_better(values: Sequence[float], smoothing: float) -> list[float]:
+    """Scores ``1 - v / (max(v) + smoothing)``: the smallest value scores highest.
+
+    Relative to the largest candidate value, so in a weighted list a small difference between
+    two busy pods moves the score a little; ``smoothing`` (in the values' unit) keeps an idle
+    fleet from dividing by zero and damps swings between near-zero values.
+    """
+    scale = max(values) + smoothing
+    return [1.0 - value / scale for value in values]
+
+
 def combine(
     score_lists: Sequence[Sequence[float]], weights: Sequence[float], size: int
 ) -> list[float]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import yaml
 from extproc import config
 from extproc.app import Server
 from tools.processes import free_port
+from tools.redis_server import RedisServer
 
 ServerFactory = Callable[..., "asyncio.Future[Server]"]
 
@@ -43,6 +44,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             "host": "127.0.0.1",
             "port": free_port(),
             "http_port": free_port(),
+            "users_port": free_port(),
             **{k: v for k, v in flags.items()},
         }
         server = Server(config.load(values, {}))
@@ -53,3 +55,10 @@ async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for server in servers:
         await server.stop(grace=0.5)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` on a free loopback port for one test, stopped afterwards."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server

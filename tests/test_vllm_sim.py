@@ -137,6 +137,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    """A port P with P and P+1 both free now (the CLI's --base-port takes consecutive ports)."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 async def stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     result: dict[str, Any] = await get_json(session, f"{url}/sim/stats")
     return result
@@ -675,7 +689,7 @@ def _ready_lines(proc: subprocess.Popen[str], count: int) -> list[str]:
 
 
 async def test_cli_pods_and_signals(http: Any) -> None:
-    port = free_port()
+    port = free_port_pair()
     proc = _spawn(
         [
             "--pods",
@@ -709,7 +723,7 @@ async def test_cli_pods_and_signals(http: Any) -> None:
 
 
 async def test_cli_yaml_config(tmp_path: Path, http: Any) -> None:
-    port = free_port()
+    port = free_port_pair()
     config = tmp_path / "sim.yaml"
     config.write_text(
         "defaults:\n"

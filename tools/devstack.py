@@ -46,6 +46,7 @@ class StackConfig:
     gateway_port: int = 0
     grpc_port: int = 0
     http_port: int = 0
+    users_port: int = 0
     admin_port: int = 0
     base_pod_port: int = 0
     """0 picks free ports for everything (tests); the CLI uses fixed, memorable ones."""
@@ -88,6 +89,7 @@ class LocalStack:
         self.gateway_port = config.gateway_port or free_port()
         self.grpc_port = config.grpc_port or free_port()
         self.http_port = config.http_port or free_port()
+        self.users_port = config.users_port or free_port()
         self.admin_port = config.admin_port or free_port()
         self.direct_port = free_port() if config.direct_listener else None
         self.pods_file = self.workdir / "pods.yaml"
@@ -110,6 +112,10 @@ class LocalStack:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/metrics"
+
+    @property
+    def users_url(self) -> str:
+        return f"http://127.0.0.1:{self.users_port}"
 
     @property
     def grpc_address(self) -> str:
@@ -192,6 +198,8 @@ class LocalStack:
                 str(self.grpc_port),
                 "--http-port",
                 str(self.http_port),
+                "--users-port",
+                str(self.users_port),
                 *self.config.server_args,
             ],
             logs / "extproc.log",
@@ -251,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         gateway_port=args.gateway_port,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
+        users_port=args.users_port,
         admin_port=args.admin_port,
         base_pod_port=args.base_pod_port,
         server_args=(
@@ -299,6 +308,7 @@ def _banner(stack: LocalStack, model: str) -> str:
         f"gateway (Envoy)   {stack.gateway_url}",
         f"ext_proc (gRPC)   {stack.grpc_address}",
         f"metrics           {stack.metrics_url}",
+        f"users API         {stack.users_url}",
         f"envoy admin       http://127.0.0.1:{stack.admin_port}",
         *[f"pod {p.name:<12}  {p.url}  model {p.model}" for p in stack.pods],
         "",

