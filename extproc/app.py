@@ -17,21 +17,22 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from extproc import http_server, prefix_tracker
+from extproc import http_server
 from extproc.config import ConfigError, Settings
 from extproc.discovery.static import StaticDiscovery
 from extproc.gateway import Gateway
 from extproc.pods import PodRegistry
-from extproc.ratelimit import RateLimiter
+from extproc.prefix import tracker as prefix_tracker
 from extproc.router import Router
-from extproc.scraper import Scraper
+from extproc.scraping.scraper import Scraper
 from extproc.servicer import ExternalProcessor
 from extproc.telemetry import Telemetry
-from extproc.users import MemoryUserStore, RedisUserStore, UserStore
-from extproc.users_api import UsersApi
+from extproc.users.api import UsersApi
+from extproc.users.ratelimit import RateLimiter
+from extproc.users.store import MemoryUserStore, RedisUserStore, UserStore
 
 if TYPE_CHECKING:
-    from extproc.cluster import Cluster
+    from extproc.kube.cluster import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Server:
             )
         self.cluster: Cluster | None = None
         if settings.discovery == "kubernetes" or settings.manage_httproutes:
-            from extproc.cluster import Cluster  # the kubernetes client loads only when needed
+            from extproc.kube.cluster import Cluster  # the kubernetes client loads only when needed
 
             self.cluster = Cluster(settings, self.registry, self.telemetry)
         self.telemetry.watch_fleet(self.registry)

@@ -67,16 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--routing-strategy", default=None, help="server default strategy")
     dev.add_argument("--workdir", default=None, help="where generated configs go")
 
-    from extproc import httproutes_command
-
     routes = commands.add_parser("httproutes", help="HTTPRoutes generated from model labels")
     routes_commands = routes.add_subparsers(dest="httproutes_command", required=True)
     render = routes_commands.add_parser(
         "render",
         help="print the HTTPRoutes (and ReferenceGrants) for the models in files or the cluster",
     )
-    httproutes_command.add_arguments(render)
-    _add_settings_flags(render, only=httproutes_command.SETTINGS)
+    from extproc.kube import render_command
+
+    render_command.add_arguments(render)
+    _add_settings_flags(render, only=render_command.SETTINGS)
     return parser
 
 
@@ -89,9 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return devstack.run(args)
     if args.command == "httproutes":
-        from extproc import httproutes_command
+        from extproc.kube import render_command
 
-        return httproutes_command.run(args)
+        return render_command.run(args)
     return 2
 
 

@@ -9,10 +9,10 @@ import orjson
 
 from extproc.config import Settings
 from extproc.pods import PodRegistry
-from extproc.prefix_tracker import PrefixTracker
-from extproc.ratelimit import RateLimiter
+from extproc.prefix.tracker import PrefixTracker
 from extproc.router import Plan, Router
 from extproc.telemetry import Telemetry
+from extproc.users.ratelimit import RateLimiter
 
 TARGET_POD = "target-pod"
 DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"

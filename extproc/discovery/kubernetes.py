@@ -14,9 +14,9 @@ import ipaddress
 import logging
 from typing import Any
 
-from extproc import model_labels as keys
-from extproc.kube_informer import Change, Informer, Obj
-from extproc.model_labels import MisplacedKeyReport
+from extproc.kube import model_labels as keys
+from extproc.kube.informer import Change, Informer, Obj
+from extproc.kube.model_labels import MisplacedKeyReport
 from extproc.pods import PodRegistry, PodSpec
 from extproc.telemetry import Telemetry
 

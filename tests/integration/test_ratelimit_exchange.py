@@ -18,7 +18,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 
 from extproc.app import Server
 from extproc.exchange import Exchange
-from extproc.users import User
+from extproc.users.store import User
 from strategies.vtc_basic import VtcBasic
 from tests import envoy_protocol as ep
 from tools.redis_server import RedisServer

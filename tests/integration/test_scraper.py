@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from extproc.pods import PodRegistry, PodSpec
-from extproc.scraper import Scraper
+from extproc.scraping.scraper import Scraper
 from extproc.telemetry import Telemetry
 from tools.vllm_sim import PodSpec as SimSpec
 from tools.vllm_sim import SimParams, SimulatorFleet

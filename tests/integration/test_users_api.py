@@ -12,8 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from extproc import config
 from extproc.telemetry import Telemetry
-from extproc.users import MemoryUserStore, RedisUserStore, UserStore
-from extproc.users_api import UsersApi, exposure_warning
+from extproc.users.api import UsersApi, exposure_warning
+from extproc.users.store import MemoryUserStore, RedisUserStore, UserStore
 from tools.processes import free_port
 
 Client = Callable[..., Any]
@@ -56,7 +56,7 @@ def assert_error(document: Any, code: str, param: str | None = None) -> None:
 
 
 async def test_the_seed_calls(api: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="extproc.users_api")
+    caplog.set_level(logging.INFO, logger="extproc.users.api")
     client = await api()
     status, body = await call(client, "/CreateUser", {"name": "lgy", "rpm": 100, "tpm": 1000})
     assert (status, body) == (200, {"name": "lgy", "rpm": 100, "tpm": 1000})

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio import Redis
 
-from extproc.sliding_window import BUCKET_MS, BUCKETS, WINDOW_MS
-from extproc.users import (
+from extproc.users.sliding_window import BUCKET_MS, BUCKETS, WINDOW_MS
+from extproc.users.store import (
     Decision,
     MemoryUserStore,
     RedisUserStore,

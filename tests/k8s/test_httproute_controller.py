@@ -12,13 +12,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from extproc.discovery.kubernetes import slim_pod
-from extproc.httproute_controller import HTTPRouteController, slim_deployment
-from extproc.httproutes import MANAGED_BY, MANAGED_BY_LABEL, RouteOptions
-from extproc.kube_client import DEPLOYMENT, POD, Kube, load_api_client
-from extproc.kube_informer import Backoff, Informer
-from extproc.kube_metrics import KubeMetrics
-from extproc.lease import LeaderLease
-from extproc.model_labels import SELECTOR, MisplacedKeyReport
+from extproc.kube.client import DEPLOYMENT, POD, Kube, load_api_client
+from extproc.kube.controller import HTTPRouteController, slim_deployment
+from extproc.kube.httproutes import MANAGED_BY, MANAGED_BY_LABEL, RouteOptions
+from extproc.kube.informer import Backoff, Informer
+from extproc.kube.lease import LeaderLease
+from extproc.kube.metrics import KubeMetrics
+from extproc.kube.model_labels import SELECTOR, MisplacedKeyReport
 from tests.k8s import objects
 from tests.k8s.fake_apiserver import FakeApiServer
 from tests.k8s.helpers import eventually

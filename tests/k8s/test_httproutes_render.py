@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from extproc import cli
-from extproc.httproutes import (
+from extproc.kube.httproutes import (
     RouteOptions,
     format_duration,
     is_dns1123_label,

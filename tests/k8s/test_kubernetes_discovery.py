@@ -10,10 +10,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from extproc.discovery.kubernetes import KubernetesDiscovery, pod_spec, slim_pod
-from extproc.kube_client import MODEL_ADAPTER, POD, Kube, load_api_client
-from extproc.kube_informer import Backoff, Informer
-from extproc.kube_metrics import KubeMetrics
-from extproc.model_labels import SELECTOR, MisplacedKeyReport
+from extproc.kube.client import MODEL_ADAPTER, POD, Kube, load_api_client
+from extproc.kube.informer import Backoff, Informer
+from extproc.kube.metrics import KubeMetrics
+from extproc.kube.model_labels import SELECTOR, MisplacedKeyReport
 from extproc.pods import PodRegistry
 from extproc.telemetry import Telemetry
 from tests.k8s import objects

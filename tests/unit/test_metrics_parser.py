@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.metrics_parser import MetricsParseError, parse
+from extproc.scraping.parser import MetricsParseError, parse
 
 # The shape prometheus_client gives vLLM >= 0.10 (two engines, to check that series are summed).
 CURRENT_VLLM = b"""# HELP python_gc_objects_collected_total Objects collected during gc

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from extproc.openai_request import Endpoint, InferenceRequest
-from extproc.prefix_hashing import block_hashes, model_seed
-from extproc.prefix_index import PrefixIndex
-from extproc.tokenizers import CharacterTokenizer, HfTokenizer, message_text, prompt_text
+from extproc.prefix.hashing import block_hashes, model_seed
+from extproc.prefix.index import PrefixIndex
+from extproc.prefix.tokenizers import CharacterTokenizer, HfTokenizer, message_text, prompt_text
 from strategies.base import PodMetrics, PodView, RequestView
 from strategies.prefix_cache import PrefixCache
 from strategies.prefix_cache_and_load import PrefixCacheAndLoad

@@ -13,10 +13,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from extproc import config
 from extproc.errors import GatewayError
-from extproc.ratelimit import RateLimiter
-from extproc.sliding_window import BUCKET_MS, WINDOW_MS, SlidingWindow, retry_after_seconds
 from extproc.telemetry import Telemetry
-from extproc.users import Decision, MemoryUserStore, User, Verdict
+from extproc.users.ratelimit import RateLimiter
+from extproc.users.sliding_window import (
+    BUCKET_MS,
+    WINDOW_MS,
+    SlidingWindow,
+    retry_after_seconds,
+)
+from extproc.users.store import Decision, MemoryUserStore, User, Verdict
 from strategies.base import Usage
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from extproc.metrics_parser import parse
+from extproc.scraping.parser import parse
 from tools.bench.runner import Target, run
 from tools.bench.workloads import Session
 from tools.devstack import LocalStack, StackConfig

@@ -14,11 +14,11 @@ import time
 from typing import Any
 
 from extproc.openai_request import Endpoint, InferenceRequest
-from extproc.prefix_index import PrefixIndex
-from extproc.prefix_tracker import PrefixTracker
+from extproc.prefix.index import PrefixIndex
+from extproc.prefix.tokenizers import CharacterTokenizer
+from extproc.prefix.tracker import PrefixTracker
 from extproc.router import Router
 from extproc.telemetry import Telemetry
-from extproc.tokenizers import CharacterTokenizer
 from strategies.base import MetricsWindow, PodMetrics, PodView, RequestView
 from tools.bench.workloads import text
 

@@ -19,9 +19,9 @@ from typing import Any
 import aiohttp
 
 from extproc import config
-from extproc.ratelimit import RateLimiter
 from extproc.telemetry import Telemetry
-from extproc.users import MemoryUserStore, RedisUserStore, User, UserStore
+from extproc.users.ratelimit import RateLimiter
+from extproc.users.store import MemoryUserStore, RedisUserStore, User, UserStore
 from tools.bench.loadgen import closed_loop, percentile
 from tools.bench.overhead import OverheadResult
 from tools.devstack import LocalStack, StackConfig

@@ -15,7 +15,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 from extproc.pods import PodRegistry, PodSpec
-from extproc.scraper import Scraper
+from extproc.scraping.scraper import Scraper
 from extproc.telemetry import Telemetry
 from tools.processes import Managed
 

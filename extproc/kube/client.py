@@ -1,7 +1,7 @@
 """Access to the Kubernetes API with the official (synchronous) client, objects as plain dicts.
 
 Every call here blocks: callers on the event loop go through ``asyncio.to_thread`` and watches run
-in their own threads (``extproc.kube_informer``). Objects stay JSON dicts rather than the client's
+in their own threads (``extproc.kube.informer``). Objects stay JSON dicts rather than the client's
 models so that custom resources (ModelAdapter, HTTPRoute) and built-in kinds are handled alike.
 """
 

@@ -25,9 +25,9 @@ from redis.exceptions import RedisError
 
 from extproc import errors
 from extproc.config import Settings
-from extproc.sliding_window import retry_after_seconds
 from extproc.telemetry import Telemetry
-from extproc.users import Decision, UserStore, Verdict
+from extproc.users.sliding_window import retry_after_seconds
+from extproc.users.store import Decision, UserStore, Verdict
 from strategies.base import Usage
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ from pathlib import Path
 from extproc.config import Settings
 from extproc.openai_request import InferenceRequest
 from extproc.pods import PodRegistry
-from extproc.prefix_hashing import block_hashes
-from extproc.prefix_index import PrefixIndex
+from extproc.prefix.hashing import block_hashes
+from extproc.prefix.index import PrefixIndex
+from extproc.prefix.tokenizers import CharacterTokenizer, HfTokenizer, RemoteTokenizer, Tokenizer
 from extproc.telemetry import Telemetry
-from extproc.tokenizers import CharacterTokenizer, HfTokenizer, RemoteTokenizer, Tokenizer
 from strategies.base import PodView
 
 

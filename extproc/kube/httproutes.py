@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc import model_labels as keys
-from extproc.model_labels import MisplacedKey, ObjectRef
+from extproc.kube import model_labels as keys
+from extproc.kube.model_labels import MisplacedKey, ObjectRef
 
 ROUTE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 GATEWAY_GROUP = "gateway.networking.k8s.io"

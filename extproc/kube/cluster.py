@@ -16,13 +16,13 @@ import uuid
 from extproc import config
 from extproc.config import Settings
 from extproc.discovery.kubernetes import KubernetesDiscovery, slim_pod
-from extproc.httproute_controller import HTTPRouteController, slim_deployment
-from extproc.httproutes import RouteOptions
-from extproc.kube_client import DEPLOYMENT, MODEL_ADAPTER, POD, Kube, load_api_client
-from extproc.kube_informer import Informer
-from extproc.kube_metrics import KubeMetrics
-from extproc.lease import LeaderLease
-from extproc.model_labels import SELECTOR, MisplacedKeyReport
+from extproc.kube.client import DEPLOYMENT, MODEL_ADAPTER, POD, Kube, load_api_client
+from extproc.kube.controller import HTTPRouteController, slim_deployment
+from extproc.kube.httproutes import RouteOptions
+from extproc.kube.informer import Informer
+from extproc.kube.lease import LeaderLease
+from extproc.kube.metrics import KubeMetrics
+from extproc.kube.model_labels import SELECTOR, MisplacedKeyReport
 from extproc.pods import PodRegistry
 from extproc.telemetry import Telemetry
 

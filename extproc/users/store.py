@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from extproc.sliding_window import BUCKET_MS, BUCKETS, WINDOW_MS, SlidingWindow
+from extproc.users.sliding_window import BUCKET_MS, BUCKETS, WINDOW_MS, SlidingWindow
 
 MAX_LIMIT = 10**12
 """Largest rpm/tpm accepted (exact in the doubles Lua computes with)."""
@@ -239,7 +239,7 @@ class RedisUserStore(UserStore):
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._redis = Redis(connection_pool=pool)
-        source = resources.files("extproc").joinpath("users.lua").read_text()
+        source = resources.files("extproc.users").joinpath("users.lua").read_text()
         self._script = self._redis.register_script(source)
 
     async def create(self, user: User) -> None:

@@ -16,8 +16,8 @@ import yaml
 
 from extproc import config
 from extproc.config import ConfigError, Settings
-from extproc.httproutes import RouteOptions, flatten, render
-from extproc.model_labels import SELECTOR
+from extproc.kube.httproutes import RouteOptions, flatten, render
+from extproc.kube.model_labels import SELECTOR
 
 SETTINGS = (
     "config",
@@ -56,7 +56,7 @@ def read_objects(filenames: list[str], stdin: TextIO) -> list[dict[str, Any]]:
 
 
 def list_cluster(settings: Settings) -> list[dict[str, Any]]:
-    from extproc.kube_client import DEPLOYMENT, POD, Kube, load_api_client
+    from extproc.kube.client import DEPLOYMENT, POD, Kube, load_api_client
 
     api = load_api_client(settings.kubeconfig)
     try:

@@ -20,9 +20,9 @@ from aiohttp import web
 
 from extproc.config import Settings
 from extproc.errors import GatewayError
-from extproc.ratelimit import STORE_FAILURES
 from extproc.telemetry import Telemetry
-from extproc.users import MAX_LIMIT, User, UserExists, UserNotFound, UserStore, name_problem
+from extproc.users.ratelimit import STORE_FAILURES
+from extproc.users.store import MAX_LIMIT, User, UserExists, UserNotFound, UserStore, name_problem
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Keeps one HTTPRoute per model (and its ReferenceGrants) in step with the cluster.
 
-Every replica watches Deployments and Pods and renders the routes (``extproc.httproutes``), so
+Every replica watches Deployments and Pods and renders the routes (``extproc.kube.httproutes``), so
 each one reports misplaced keys and other findings; only the holder of the Lease writes. It
 touches only objects carrying its ``managed-by`` label: a route of the same name made by someone
 else is left alone and reported as ``not_owned``. It writes only after both watches have listed
@@ -16,13 +16,13 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from extproc import model_labels as keys
-from extproc.httproutes import OWNED_SELECTOR, Finding, Rendering, RouteOptions, render
-from extproc.kube_client import HTTPROUTE, REFERENCE_GRANT, ApiException, Kube, Resource
-from extproc.kube_informer import DEFAULT_BACKOFF, Backoff, Change, Informer, Obj
-from extproc.kube_metrics import KubeMetrics
-from extproc.lease import LeaderLease
-from extproc.model_labels import MisplacedKeyReport
+from extproc.kube import model_labels as keys
+from extproc.kube.client import HTTPROUTE, REFERENCE_GRANT, ApiException, Kube, Resource
+from extproc.kube.httproutes import OWNED_SELECTOR, Finding, Rendering, RouteOptions, render
+from extproc.kube.informer import DEFAULT_BACKOFF, Backoff, Change, Informer, Obj
+from extproc.kube.lease import LeaderLease
+from extproc.kube.metrics import KubeMetrics
+from extproc.kube.model_labels import MisplacedKeyReport
 
 log = logging.getLogger(__name__)
 

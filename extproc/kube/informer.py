@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from kubernetes import watch
 
-from extproc.kube_client import ApiException, Kube, Resource
-from extproc.kube_metrics import KubeMetrics
+from extproc.kube.client import ApiException, Kube, Resource
+from extproc.kube.metrics import KubeMetrics
 
 log = logging.getLogger(__name__)
 

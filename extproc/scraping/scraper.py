@@ -20,9 +20,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from extproc.metrics_parser import Hints, MetricsParseError, parse
-from extproc.page_fetcher import PageCallback, PageFetcher
 from extproc.pods import Pod, PodRegistry
+from extproc.scraping.page_fetcher import PageCallback, PageFetcher
+from extproc.scraping.parser import Hints, MetricsParseError, parse
 from extproc.telemetry import Telemetry
 from strategies.base import Histogram, MetricsWindow, PodMetrics
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kubernetes import client
 
-from extproc.kube_client import ApiException
+from extproc.kube.client import ApiException
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Kubernetes: API client and watches, the HTTPRoute controller and its Lease."""

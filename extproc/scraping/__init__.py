@@ -1,0 +1,1 @@
+"""Pod metrics: fetching every pod's /metrics and reading the families routing needs."""

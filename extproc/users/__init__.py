@@ -1,0 +1,1 @@
+"""Users, their limits, and the users API."""
