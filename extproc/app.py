@@ -19,6 +19,8 @@ from grpc_reflection.v1alpha import reflection
 
 from extproc import http_server
 from extproc.config import ConfigError, Settings
+from extproc.debug import service as debug_service
+from extproc.debug.v1 import debug_pb2_grpc
 from extproc.discovery.static import StaticDiscovery
 from extproc.gateway import Gateway
 from extproc.pods import PodRegistry
@@ -27,6 +29,7 @@ from extproc.router import Router
 from extproc.scraping.scraper import Scraper
 from extproc.servicer import ExternalProcessor
 from extproc.telemetry import Telemetry
+from extproc.tls import ServerCertificates
 from extproc.users.api import UsersApi
 from extproc.users.ratelimit import RateLimiter
 from extproc.users.store import MemoryUserStore, RedisUserStore, UserStore
@@ -92,6 +95,9 @@ class Server:
         settings = self.settings
         if self.discovery is not None:
             self.discovery.load_initial()
+        credentials = None
+        if settings.tls_cert is not None:
+            credentials = ServerCertificates(settings, self.telemetry).credentials()
         message_limit = settings.max_body_bytes + GRPC_OVERHEAD_BYTES
         self._grpc = grpc.aio.server(
             options=[
@@ -104,17 +110,24 @@ class Server:
             ExternalProcessor(self.gateway), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        debug_pb2_grpc.add_RouterDebugServicer_to_server(
+            debug_service.RouterDebug(self.gateway), self._grpc
+        )
         reflection.enable_server_reflection(
             (
                 EXT_PROC_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                debug_service.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             ),
             self._grpc,
         )
         address = f"{_bracket(settings.host)}:{settings.port}"
         try:
-            self.grpc_port = self._grpc.add_insecure_port(address)
+            if credentials is None:
+                self.grpc_port = self._grpc.add_insecure_port(address)
+            else:
+                self.grpc_port = self._grpc.add_secure_port(address, credentials)
         except RuntimeError:
             raise OSError(f"cannot bind the gRPC port {address} (already in use?)") from None
         await self._grpc.start()

@@ -53,6 +53,17 @@ class Settings:
     host: str = _knob("0.0.0.0", "address the gRPC and HTTP servers bind to")
     port: int = _knob(50052, "gRPC port: ExternalProcessor, health, reflection, debug API")
     http_port: int = _knob(8080, "HTTP port: /metrics, /healthz, /readyz")
+    tls_cert: Path | None = _knob(
+        None,
+        "PEM certificate chain for TLS on the gRPC port (with tls_key); unset serves plaintext; "
+        "re-read when the file changes",
+    )
+    tls_key: Path | None = _knob(None, "PEM private key of tls_cert; re-read when it changes")
+    tls_client_ca: Path | None = _knob(
+        None,
+        "PEM CA bundle: when set (with tls_cert), clients must present a certificate it signed "
+        "(mTLS); re-read when it changes",
+    )
     routing_strategy: str | None = _knob(
         None,
         "default strategy (or weighted list) when a request has no routing-strategy header; "
@@ -178,8 +189,15 @@ class Settings:
     event_loop: Literal["auto", "uvloop", "asyncio"] = _knob(
         "auto", "asyncio event loop; auto means uvloop when installed (faster scraping)"
     )
-    log_format: Literal["text", "json"] = _knob("text", "log line format")
+    log_format: Literal["text", "json"] = _knob(
+        "text", "log line format: text for people, json (one object per line) for log pipelines"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = _knob("info", "log level")
+    log_prompts: bool = _knob(
+        False,
+        "SENSITIVE, for debugging only: add each request's prompt text to its access-log line "
+        "(without it no prompt or header value is ever logged)",
+    )
     strategy_options: dict[str, dict[str, Any]] = _knob(
         {},
         "per-strategy options, e.g. {least-request: {smoothing: 1}}; on the command line "
@@ -216,6 +234,7 @@ class Settings:
             for model, path in self.hf_tokenizers.items():
                 if not Path(path).is_file():
                     raise ConfigError(f"hf_tokenizers.{model}", f"no such file: {path}")
+        self._check_tls()
         if self.retry_after_seconds < 0:
             raise ConfigError("retry_after_seconds", "must be >= 0")
         for name in ("strategy_header", "user_header"):
@@ -241,6 +260,18 @@ class Settings:
                 registry.build(name, options)
             except registry.OptionError as exc:
                 raise ConfigError(f"strategy_options.{exc.key}", str(exc)) from None
+
+    def _check_tls(self) -> None:
+        """Which files go together; their contents are checked when the server loads them."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise ConfigError(missing, "tls_cert and tls_key must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca", "mTLS needs tls_cert and tls_key as well")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(name, f"no such file: {path}")
 
     def _check_limits(self) -> None:
         """Users and rate-limit settings. Values are not echoed: the URL may hold a password."""

@@ -31,7 +31,7 @@ from extproc import envoy_messages as msgs
 from extproc import errors, openai_request
 from extproc.errors import GatewayError
 from extproc.gateway import DESTINATION_ENDPOINT, MODEL, REQUEST_ID, TARGET_POD, Gateway
-from extproc.openai_request import INFERENCE_PATHS, MODELS_PATH, Endpoint
+from extproc.openai_request import INFERENCE_PATHS, MODELS_PATH, Endpoint, InferenceRequest
 from extproc.router import Plan
 from extproc.usage import UsageReader
 from strategies.base import PodView, RequestView, Timings, Usage
@@ -72,6 +72,7 @@ class Exchange:
         "_needs_usage",
         "_plan",
         "_pod",
+        "_prompt",
         "_request",
         "_scrape_mark",
         "_status",
@@ -98,6 +99,7 @@ class Exchange:
         self._held_chunks = 0
         self._model = ""
         self._pod: PodView | None = None
+        self._prompt: object = None  # kept only under the log_prompts debug setting
         self._request: RequestView | None = None
         self._scrape_mark = 0.0
         self._timings: Timings | None = None
@@ -243,6 +245,8 @@ class Exchange:
         gw = self._gw
         assert self._endpoint is not None
         request = openai_request.parse(self._endpoint, body)
+        if gw.settings.log_prompts:
+            self._prompt = _prompt_of(request)
         model = request.model
         if not gw.registry.knows_model(model):
             raise errors.model_not_found(model)
@@ -369,6 +373,17 @@ class Exchange:
                 model = self._model if self._model else "unknown"
                 strategy = self._plan.metric_label if self._plan else "none"
                 gw.telemetry.requests.labels(model, strategy, status).inc()
+                if access_log.isEnabledFor(logging.INFO):
+                    self._log_access(
+                        "routed" if self.state is State.ROUTED else "not routed",
+                        {
+                            "request_id": self.request_id,
+                            "model": model,
+                            "strategy": self._plan.label if self._plan else "none",
+                            "pod": None,
+                            "status": status,
+                        },
+                    )
             return
         self._pod = None
         pod.in_flight -= 1
@@ -388,9 +403,9 @@ class Exchange:
                 timings.first_byte_at - timings.routed_at
             )
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
+            self._log_access(
                 "routed",
-                extra={
+                {
                     "request_id": self.request_id,
                     "model": self._model,
                     "strategy": self._plan.label,
@@ -400,6 +415,13 @@ class Exchange:
                     "duration_ms": round((now - timings.routed_at) * 1000, 3),
                 },
             )
+
+    def _log_access(self, message: str, fields: dict[str, object]) -> None:
+        """The request's one access-log line: never a header, and the prompt only when the
+        ``log_prompts`` debug setting kept it."""
+        if self._prompt is not None:
+            fields["prompt"] = self._prompt
+        access_log.info(message, extra=fields)
 
     def _read_usage(self) -> Usage | None:
         """The response's token usage, when this exchange read the body for it (counted by
@@ -411,6 +433,13 @@ class Exchange:
         source = "missing" if usage is None else "estimated" if usage.estimated else "reported"
         self._gw.telemetry.usage.labels(source).inc()
         return usage
+
+
+def _prompt_of(request: InferenceRequest) -> object:
+    """The prompt as ``log_prompts`` writes it: chat turns, text, or token ids."""
+    if request.messages is not None:
+        return [{"role": role, "content": content} for role, content in request.messages]
+    return request.text if request.text is not None else request.token_ids
 
 
 def _value(entry: object) -> str:

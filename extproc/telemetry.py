@@ -146,6 +146,13 @@ class Telemetry:
             ["operation"],
             registry=r,
         )
+        self.tls_reloads = Counter(
+            "extproc_tls_reloads",
+            "Changed TLS files on the gRPC port: loaded (ok), or refused and the previous "
+            "certificate kept (error).",
+            ["result"],
+            registry=r,
+        )
 
     def watch_fleet(self, pods: PodRegistry) -> None:
         self.registry.register(FleetCollector(pods))

@@ -100,6 +100,8 @@ class PodView:
     metrics: PodMetrics | None = None
     metrics_at: float = 0.0
     stale_after: float = 2.0
+    cached_blocks: int = 0
+    """Prompt blocks the gateway believes the pod holds (set when the prefix index is read)."""
 
     def fresh_metrics(self, now: float) -> PodMetrics | None:
         """The last scrape, or ``None`` when there is none or it is older than ``stale_after``."""

@@ -15,12 +15,14 @@ class PrefixCache(Strategy):
 
     - load imbalanced (``max_load - min_load > imbalance_abs``): least load decides;
     - best match shorter than ``min_match_blocks`` (a miss, or a short shared preamble that
-      saves nothing): least load decides, so misses still spread;
+      saves nothing): least load decides, so misses still spread, and among equally loaded
+      pods the one believed to cache the least takes the new prefix;
     - otherwise the longest match wins; pods matching equally are ordered by load, so a hot
       prefix cached on several pods spreads over them.
 
     Scores: ``0.999 x match / best_match + 0.001 x load_score`` (the match decides, load
-    breaks ties), or the load scores ``1 - load / (max_load + 1)``.
+    breaks ties), or ``0.999 x load_score + 0.001 x room`` with ``load_score = 1 - load /
+    (max_load + 1)`` and ``room = 1 - cached_blocks / (max_cached_blocks + 1)``.
     """
 
     name = "prefix-cache"
@@ -38,8 +40,14 @@ class PrefixCache(Strategy):
         load_scores = lower_is_better(loads, 1.0)
         matches = [request.prefix_matches.get(pod.name, 0) for pod in pods]
         best = max(matches)
-        if best < self.min_match_blocks or max(loads) - min(loads) > self.imbalance_abs:
+        if max(loads) - min(loads) > self.imbalance_abs:
             return load_scores
+        if best < self.min_match_blocks:
+            fullest = max(pod.cached_blocks for pod in pods) + 1
+            return [
+                0.999 * load + 0.001 * (1.0 - pod.cached_blocks / fullest)
+                for pod, load in zip(pods, load_scores, strict=True)
+            ]
         return [
             0.999 * match / best + 0.001 * load
             for match, load in zip(matches, load_scores, strict=True)

@@ -316,6 +316,7 @@ def _banner(stack: LocalStack, model: str) -> str:
         f"  curl {stack.gateway_url}/v1/chat/completions -H 'routing-strategy: random' "
         f'-H \'Content-Type: application/json\' -d \'{{"model": "{model}", "messages": '
         '[{"role": "user", "content": "Say this is a test!"}]}\' -i',
+        f"  grpcurl -plaintext {stack.grpc_address} extproc.debug.v1.RouterDebug/ListPods",
         "",
         "Ctrl-C stops everything.",
     ]

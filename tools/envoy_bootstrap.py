@@ -5,7 +5,8 @@ before the router; an ``original_route`` that sends requests carrying ``target-p
 ORIGINAL_DST cluster reading that header (what the EnvoyPatchPolicy adds); one route per model
 matched on the ``model`` header (what each generated ``<model>-router`` HTTPRoute becomes) whose
 cluster holds the model's pods (the model's Service); and the inference paths answered locally
-when nothing routed them (the reserved route).
+when nothing routed them (the reserved route). With ``extproc_tls`` Envoy reaches the server over
+TLS, presenting a client certificate for mTLS.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ ORIGINAL_DST_CLUSTER = "original_destination_cluster"
 EXT_PROC_CLUSTER = "extproc"
 BIG = 1_000_000
 TYPE = "type.googleapis.com/envoy.extensions."
+
+
+@dataclass(frozen=True)
+class ExtprocTls:
+    """How Envoy reaches a server serving TLS: the CA to trust, the name to expect, and the
+    client certificate to present when the server requires one (mTLS)."""
+
+    ca: str
+    server_name: str = "localhost"
+    cert: str | None = None
+    key: str | None = None
 
 
 @dataclass
@@ -43,6 +55,8 @@ class GatewayLayout:
     direct_target: str | None = None
     access_log: bool = False
     host: str = "127.0.0.1"
+    extproc_tls: ExtprocTls | None = None
+    """TLS (mTLS with a client certificate) to the ext_proc server; plaintext when unset."""
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -70,6 +84,31 @@ def _endpoint_cluster(name: str, addresses: Sequence[str], http2: bool = False) 
             }
         }
     return cluster
+
+
+def _upstream_tls(tls: ExtprocTls) -> dict[str, Any]:
+    """The ext_proc cluster's ``transport_socket``: verify the server, maybe present a cert."""
+    context: dict[str, Any] = {
+        "alpn_protocols": ["h2"],
+        "validation_context": {
+            "trusted_ca": {"filename": tls.ca},
+            "match_typed_subject_alt_names": [
+                {"san_type": "DNS", "matcher": {"exact": tls.server_name}}
+            ],
+        },
+    }
+    if tls.cert is not None and tls.key is not None:
+        context["tls_certificates"] = [
+            {"certificate_chain": {"filename": tls.cert}, "private_key": {"filename": tls.key}}
+        ]
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": TYPE + "transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": tls.server_name,
+            "common_tls_context": context,
+        },
+    }
 
 
 def _unlimited() -> dict[str, Any]:
@@ -203,6 +242,8 @@ def bootstrap(layout: GatewayLayout) -> dict[str, Any]:
         },
         _endpoint_cluster(EXT_PROC_CLUSTER, [f"127.0.0.1:{layout.extproc_port}"], http2=True),
     ]
+    if layout.extproc_tls is not None:
+        clusters[-1]["transport_socket"] = _upstream_tls(layout.extproc_tls)
     for model, addresses in layout.models.items():
         clusters.append(_endpoint_cluster(f"model-{model}", addresses))
     if layout.direct_port is not None and layout.direct_target is not None:

@@ -34,9 +34,12 @@ class PrefixTracker:
         self._block_tokens = block_tokens
         self._telemetry = telemetry
 
-    async def hashes(self, model: str, request: InferenceRequest) -> list[int]:
+    async def hashes(
+        self, model: str, request: InferenceRequest, *, count_fallback: bool = True
+    ) -> list[int]:
+        """The prompt's block hashes; ``count_fallback=False`` for read-only callers (Explain)."""
         stream = await self.tokenizer.tokenize(model, request)
-        if stream.source != self.tokenizer.name:
+        if count_fallback and stream.source != self.tokenizer.name:
             self._telemetry.tokenizer_fallbacks.labels(self.tokenizer.name).inc()
         block = self._block_chars if stream.width == 1 else self._block_tokens
         return block_hashes(stream.data, stream.width, block, model)

@@ -202,7 +202,7 @@ def test_prefix_cache_imbalance_and_misses_go_to_least_load() -> None:
 
 
 def test_prefix_cache_and_load_trades_match_against_load() -> None:
-    strategy = PrefixCacheAndLoad(kv_weight=0)
+    strategy = PrefixCacheAndLoad(kv_blocks=0)
     pods = fleet(2, 2, 2)
     assert best(strategy.score(view({"p1": 36}), pods), pods) == "p1"
     # the pod holding a hot prefix is queueing: an idle pod wins and will cache it too
@@ -211,16 +211,16 @@ def test_prefix_cache_and_load_trades_match_against_load() -> None:
 
 
 def test_short_prompts_do_not_win_on_ratio() -> None:
-    strategy = PrefixCacheAndLoad(kv_weight=0)
-    pods = fleet(2, 0)
-    # a 2-block prompt fully matched on p0 is worth less than p0's two extra requests
+    strategy = PrefixCacheAndLoad(kv_blocks=0)
+    pods = fleet(1, 0)
+    # a 2-block prompt fully matched on p0 saves 2 blocks; p0's extra request costs 32
     assert best(strategy.score(view({"p0": 2}, blocks=2), pods), pods) == "p1"
     # the same ratio on a long prompt keeps the affinity
     assert best(strategy.score(view({"p0": 40}, blocks=40), pods), pods) == "p0"
 
 
 def test_kv_term_needs_fresh_metrics_everywhere() -> None:
-    strategy = PrefixCacheAndLoad(match_weight=0, load_weight=0.001, kv_weight=1)
+    strategy = PrefixCacheAndLoad(load_blocks=0, kv_blocks=10)
     pods = fleet(0, 0)
     pods[0].metrics, pods[0].metrics_at = PodMetrics(kv_cache_usage=0.9), 10.0
     pods[1].metrics, pods[1].metrics_at = PodMetrics(kv_cache_usage=0.1), 10.0
@@ -235,10 +235,46 @@ def test_kv_term_needs_fresh_metrics_everywhere() -> None:
     [
         (PrefixCache, {"imbalance_abs": -1}),
         (PrefixCache, {"min_match_blocks": 0}),
-        (PrefixCacheAndLoad, {"match_weight": -1}),
-        (PrefixCacheAndLoad, {"match_weight": 0, "load_weight": 0, "kv_weight": 0}),
+        (PrefixCacheAndLoad, {"load_blocks": -1}),
+        (PrefixCacheAndLoad, {"min_match_blocks": 0}),
     ],
 )
 def test_bad_prefix_options(cls: type, options: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         cls(**options)
+
+
+def test_held_blocks_follow_writes_evictions_and_expiry() -> None:
+    clock = Clock()
+    index = PrefixIndex(capacity=6, ttl=10, clock=clock)
+    index.record([1, 2, 3], "a")
+    index.record([1, 2, 4], "b")
+    assert (index.held("a"), index.held("b")) == (3, 3)
+    index.record([5, 6, 7], "a")  # 7 entries > 6: the oldest (block 3, a's) is evicted
+    assert index.held("a") == 5
+    assert index.blocks_by_pod() == {"a": 5, "b": 3}
+    clock.now += 30
+    index.record([9], "b")  # everything else expired and is purged on this write
+    assert (index.held("a"), index.held("b")) == (0, 1)
+    candidates = pods("a", "b", "c")
+    index.lookup([9], candidates)
+    assert [p.cached_blocks for p in candidates] == [0, 1, 0]
+
+
+def test_an_expired_entry_is_rewritten_from_scratch() -> None:
+    clock = Clock()
+    index = PrefixIndex(capacity=100, ttl=5, clock=clock)
+    index.record([1], "a")
+    clock.now += 20
+    index.record([1], "b")  # a's claim expired: b alone holds block 1 now
+    assert index.lookup([1], pods("a", "b")) == {"b": 1}
+    assert index.held("a") == 0
+
+
+def test_misses_go_to_the_pod_caching_least() -> None:
+    pods_ = fleet(1, 1, 1)
+    pods_[0].cached_blocks, pods_[1].cached_blocks, pods_[2].cached_blocks = 900, 40, 500
+    assert best(PrefixCache().score(view({}), pods_), pods_) == "p1"
+    assert best(PrefixCacheAndLoad().score(view({}), pods_), pods_) == "p1"
+    # a hit still beats room
+    assert best(PrefixCacheAndLoad().score(view({"p0": 40}), pods_), pods_) == "p0"
