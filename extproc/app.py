@@ -17,7 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from extproc import http_server
+from extproc import http_server, logs
 from extproc.config import ConfigError, Settings
 from extproc.debug import service as debug_service
 from extproc.debug.v1 import debug_pb2_grpc
@@ -147,6 +147,7 @@ class Server:
 
         if self.discovery is not None:
             self._tasks.append(asyncio.create_task(self.discovery.run(), name="static-discovery"))
+        self._tasks.append(asyncio.create_task(_flush_logs(), name="flush-logs"))
         if self.cluster is not None:
             self.cluster.start()
         await self.scraper.start()
@@ -211,6 +212,13 @@ class Server:
     def _forget_pod(self, name: str) -> None:
         self.router.forget_pod(name)
         self.prefix.forget_pod(name)
+
+
+async def _flush_logs() -> None:
+    """Buffered log lines reach stderr within a second even when traffic stops."""
+    while True:
+        await asyncio.sleep(1.0)
+        logs.flush()
 
 
 def _bracket(host: str) -> str:

@@ -186,6 +186,14 @@ class Settings:
         "hash and record every routed request, not only those a prefix strategy routes, so the "
         "index sees all traffic (costs hashing on every request)",
     )
+    response_phase: Literal["always", "when-needed", "never"] = _knob(
+        "always",
+        "always: every routed response passes the server; when-needed: the server asks Envoy "
+        "(mode override) to skip the response of requests needing no token usage, one round "
+        "trip less; never: Envoy is set to skip it (the one-round-trip full-duplex setup) and "
+        "token usage is estimated. Without the response phase Envoy copies the routing headers "
+        "onto the response itself (README)",
+    )
     event_loop: Literal["auto", "uvloop", "asyncio"] = _knob(
         "auto", "asyncio event loop; auto means uvloop when installed (faster scraping)"
     )

@@ -7,6 +7,7 @@ per-request values.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -45,6 +46,22 @@ SKIP_BODY_AND_RESPONSE = ProcessingMode(
 STREAM_RESPONSE_BODY = ProcessingMode(response_body_mode=ProcessingMode.STREAMED)
 """Mode override asking for the response body, for requests whose token usage is needed."""
 
+CONTINUE_SKIP_RESPONSE = {
+    mode: ProcessingResponse(
+        request_headers=HeadersResponse(),
+        mode_override=ProcessingMode(
+            request_body_mode=mode,
+            response_header_mode=ProcessingMode.SKIP,
+            response_body_mode=ProcessingMode.NONE,
+        ),
+    )
+    for mode in (ProcessingMode.BUFFERED, ProcessingMode.STREAMED, ProcessingMode.BUFFERED_PARTIAL)
+}
+"""Headers answers for a request that needs nothing from its response (``response_phase:
+when-needed``): one round trip less. An override replaces the whole mode, so the body mode Envoy
+announced is restated; keyed by it."""
+
+
 JSON_CONTENT_TYPE = HeaderValueOption(
     header=HeaderValue(key="content-type", raw_value=b"application/json"),
     append_action=OVERWRITE,
@@ -54,6 +71,15 @@ JSON_CONTENT_TYPE = HeaderValueOption(
 def header(key: str, value: bytes) -> HeaderValueOption:
     """A header that replaces any value the client sent."""
     return HeaderValueOption(header=HeaderValue(key=key, raw_value=value), append_action=OVERWRITE)
+
+
+@lru_cache(maxsize=4096)
+def fixed_header(key: str, value: bytes) -> HeaderValueOption:
+    """``header`` for values that recur (a pod's address, a model, a strategy): built once.
+
+    The returned message is shared: callers only add it to a new mutation, which copies it.
+    """
+    return header(key, value)
 
 
 def mutation(headers: Iterable[HeaderValueOption], remove: Iterable[str] = ()) -> HeaderMutation:

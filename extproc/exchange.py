@@ -30,10 +30,17 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from extproc import envoy_messages as msgs
 from extproc import errors, openai_request
 from extproc.errors import GatewayError
-from extproc.gateway import DESTINATION_ENDPOINT, MODEL, REQUEST_ID, TARGET_POD, Gateway
+from extproc.gateway import (
+    DESTINATION_ENDPOINT,
+    MODEL,
+    POD_NAME,
+    REQUEST_ID,
+    TARGET_POD,
+    Gateway,
+)
 from extproc.openai_request import INFERENCE_PATHS, MODELS_PATH, Endpoint, InferenceRequest
 from extproc.router import Plan
-from extproc.usage import UsageReader
+from extproc.usage import CHARS_PER_TOKEN, UsageReader
 from strategies.base import PodView, RequestView, Timings, Usage
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,8 @@ access_log = logging.getLogger("extproc.access")
 
 BodyMode = msgs.BodyMode
 NO_RESPONSES: tuple[ProcessingResponse, ...] = ()
+UNOBSERVED = "unobserved"
+"""The status label of a request whose response the server chose not to see."""
 
 
 class State(Enum):
@@ -59,6 +68,7 @@ class State(Enum):
 class Exchange:
     __slots__ = (
         "_body_chunks",
+        "_body_mode",
         "_body_size",
         "_charge_tokens",
         "_closed",
@@ -75,6 +85,7 @@ class Exchange:
         "_prompt",
         "_request",
         "_scrape_mark",
+        "_skip_response",
         "_status",
         "_strip",
         "_timings",
@@ -109,6 +120,8 @@ class Exchange:
         self._needs_usage = False
         self._usage: UsageReader | None = None
         self._charge_tokens = False  # the user has a TPM limit: charge the response's usage
+        self._body_mode: int | None = None
+        self._skip_response = False
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -139,6 +152,7 @@ class Exchange:
     def _read_protocol(self, message: ProcessingRequest) -> None:
         config = message.protocol_config
         mode = config.request_body_mode
+        self._body_mode = mode
         self._duplex = mode == BodyMode.FULL_DUPLEX_STREAMED
         self._hold_headers = self._duplex or (
             mode in (BodyMode.STREAMED, BodyMode.BUFFERED_PARTIAL)
@@ -192,11 +206,22 @@ class Exchange:
         if self._user is not None:
             # Before the body is read; README "When the check happens, and what it costs".
             self._charge_tokens = await gw.limiter.admit(self._user)
+        if gw.settings.response_phase == "never":
+            self._skip_response = True
         if self._hold_headers:
             return NO_RESPONSES
         if self._strip:
             return (msgs.request_headers(msgs.mutation((), self._strip), clear_route_cache=True),)
+        if gw.settings.response_phase == "when-needed" and not self._needs_response():
+            skip = msgs.CONTINUE_SKIP_RESPONSE.get(self._body_mode)
+            if skip is not None:
+                self._skip_response = True
+                return (skip,)
         return (msgs.CONTINUE_REQUEST_HEADERS,)
+
+    def _needs_response(self) -> bool:
+        """Whether the response must be seen: for token usage (TPM limit, a strategy)."""
+        return self._charge_tokens or (self._plan is not None and self._plan.needs_usage)
 
     def _passthrough_headers(self) -> ProcessingResponse:
         if not self._strip:
@@ -252,7 +277,7 @@ class Exchange:
             raise errors.model_not_found(model)
         self._model = model
         request_id = self.request_id.encode()
-        headers = [msgs.header(MODEL, model.encode()), msgs.header(REQUEST_ID, request_id)]
+        headers = [msgs.fixed_header(MODEL, model.encode()), msgs.header(REQUEST_ID, request_id)]
         plan = self._plan
         if plan is not None:
             pods = gw.registry.candidates(model)
@@ -281,10 +306,13 @@ class Exchange:
                 gw.prefix.record(hashes, pod, view.prefix_matches.get(pod.name, 0))
             self._claim(pod, view, now)
             address = pod.address.encode()
-            headers.append(msgs.header(TARGET_POD, address))
-            headers.append(msgs.header(gw.settings.strategy_header, plan.header_value))
+            headers.append(msgs.fixed_header(TARGET_POD, address))
+            headers.append(msgs.fixed_header(gw.settings.strategy_header, plan.header_value))
             if gw.settings.destination_endpoint_header:
-                headers.append(msgs.header(DESTINATION_ENDPOINT, address))
+                headers.append(msgs.fixed_header(DESTINATION_ENDPOINT, address))
+            if self._skip_response:
+                # No response phase to name the pod to the client: Envoy copies this header.
+                headers.append(msgs.fixed_header(POD_NAME, pod.name.encode()))
         elif self._charge_tokens:
             # Routed by model only, but the user's TPM limit needs the response's usage.
             self._needs_usage = True
@@ -296,6 +324,8 @@ class Exchange:
                 stream=request.stream,
             )
         self.state = State.ROUTED
+        if self._skip_response:
+            self._status = UNOBSERVED
         mutation = msgs.mutation(headers, self._strip)
         if not self._hold_headers:
             return (msgs.request_body(mutation, clear_route_cache=True),)
@@ -332,8 +362,8 @@ class Exchange:
         if pod is not None and plan is not None:
             assert self._timings is not None
             self._timings.first_byte_at = time.monotonic()
-            headers.append(msgs.header(TARGET_POD, pod.name.encode()))
-            headers.append(msgs.header(self._gw.settings.strategy_header, plan.header_value))
+            headers.append(msgs.fixed_header(TARGET_POD, pod.name.encode()))
+            headers.append(msgs.fixed_header(self._gw.settings.strategy_header, plan.header_value))
         if self._needs_usage and self._status.startswith("2"):
             assert self._request is not None
             self._usage = UsageReader(streaming=self._request.stream)
@@ -372,7 +402,7 @@ class Exchange:
             if self._endpoint is not None:
                 model = self._model if self._model else "unknown"
                 strategy = self._plan.metric_label if self._plan else "none"
-                gw.telemetry.requests.labels(model, strategy, status).inc()
+                gw.telemetry.count_request(model, strategy, status)
                 if access_log.isEnabledFor(logging.INFO):
                     self._log_access(
                         "routed" if self.state is State.ROUTED else "not routed",
@@ -396,12 +426,13 @@ class Exchange:
         now = time.monotonic()
         timings.finished_at = now
         gw.router.finished(request, pod, usage, timings)
-        telemetry.requests.labels(self._model, self._plan.metric_label, status).inc()
-        telemetry.request_seconds.labels(self._model).observe(now - timings.routed_at)
-        if timings.first_byte_at is not None:
-            telemetry.first_byte_seconds.labels(self._model).observe(
-                timings.first_byte_at - timings.routed_at
-            )
+        telemetry.count_request(self._model, self._plan.metric_label, status)
+        first_byte = timings.first_byte_at
+        telemetry.observe_request(
+            self._model,
+            now - timings.routed_at,
+            None if first_byte is None else first_byte - timings.routed_at,
+        )
         if access_log.isEnabledFor(logging.INFO):
             self._log_access(
                 "routed",
@@ -427,6 +458,15 @@ class Exchange:
         """The response's token usage, when this exchange read the body for it (counted by
         source); ``None`` otherwise or when nothing usable was seen."""
         reader, request = self._usage, self._request
+        if request is not None and self._skip_response and self._needs_usage:
+            # ``response_phase: never``: no response to read, so the request's own size and
+            # max_tokens stand for its usage (counted as an estimate).
+            self._gw.telemetry.usage.labels("estimated").inc()
+            return Usage(
+                prompt_tokens=request.prompt_length // CHARS_PER_TOKEN,
+                completion_tokens=request.max_tokens or 0,
+                estimated=True,
+            )
         if reader is None or request is None:
             return None
         usage = reader.result(request.prompt_length)

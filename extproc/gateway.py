@@ -15,6 +15,9 @@ from extproc.telemetry import Telemetry
 from extproc.users.ratelimit import RateLimiter
 
 TARGET_POD = "target-pod"
+POD_NAME = "x-target-pod-name"
+"""With ``response_phase: when-needed``, the chosen pod's name on the upstream request, which
+Envoy copies to the client response as ``target-pod`` when the server skips the response."""
 DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
 REQUEST_ID = "x-request-id"
 MODEL = "model"

@@ -108,7 +108,7 @@ class Router:
         scores = combine(score_lists, plan.weights, len(pods))
         pod = pods[best_index(scores, self._rng)]
         seconds = time.perf_counter() - started
-        self._telemetry.decision_seconds.labels(plan.metric_label).observe(seconds)
+        self._telemetry.observe_decision(plan.metric_label, seconds)
         return Decision(pod, scores, fallbacks, seconds)
 
     def explain(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -37,6 +38,11 @@ class Telemetry:
     """Every metric the server exports. One instance per server, so tests can run several."""
 
     def __init__(self) -> None:
+        # Label children by label values, bounded like the labels themselves (known models,
+        # strategy names or "weighted", HTTP statuses).
+        self._request_counts: dict[tuple[str, str, str], Any] = {}
+        self._request_times: dict[str, tuple[Any, Any]] = {}
+        self._decision_times: dict[str, Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         process_collector.ProcessCollector(registry=self.registry)
         platform_collector.PlatformCollector(registry=self.registry)
@@ -153,6 +159,31 @@ class Telemetry:
             ["result"],
             registry=r,
         )
+
+    def count_request(self, model: str, strategy: str, status: str) -> None:
+        """``extproc_requests_total``, its label child kept: a dict lookup instead of a lock."""
+        key = (model, strategy, status)
+        child = self._request_counts.get(key)
+        if child is None:
+            child = self._request_counts[key] = self.requests.labels(model, strategy, status)
+        child.inc()
+
+    def observe_request(self, model: str, seconds: float, first_byte: float | None) -> None:
+        children = self._request_times.get(model)
+        if children is None:
+            children = self._request_times[model] = (
+                self.request_seconds.labels(model),
+                self.first_byte_seconds.labels(model),
+            )
+        children[0].observe(seconds)
+        if first_byte is not None:
+            children[1].observe(first_byte)
+
+    def observe_decision(self, strategy: str, seconds: float) -> None:
+        child = self._decision_times.get(strategy)
+        if child is None:
+            child = self._decision_times[strategy] = self.decision_seconds.labels(strategy)
+        child.observe(seconds)
 
     def watch_fleet(self, pods: PodRegistry) -> None:
         self.registry.register(FleetCollector(pods))

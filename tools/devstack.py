@@ -63,6 +63,9 @@ class StackConfig:
     """Overrides of ``GatewayLayout`` fields (body mode, timeouts...)."""
     direct_listener: bool = False
     """Also open an Envoy listener that goes straight to pod 0 (the latency baseline)."""
+    noop_listener: bool = False
+    """Also run the no-op ext_proc (``tools/bench/noop_extproc.py``, routing everything to pod
+    0) behind its own Envoy listener: Python's floor for the hop, measured beside the server."""
     workdir: Path | None = None
 
 
@@ -92,6 +95,8 @@ class LocalStack:
         self.users_port = config.users_port or free_port()
         self.admin_port = config.admin_port or free_port()
         self.direct_port = free_port() if config.direct_listener else None
+        self.noop_port = free_port() if config.noop_listener else None
+        self.noop_extproc_port = free_port() if config.noop_listener else None
         self.pods_file = self.workdir / "pods.yaml"
         self.processes: list[Managed] = []
         self.sim: Managed | None = None
@@ -108,6 +113,11 @@ class LocalStack:
     def direct_url(self) -> str:
         assert self.direct_port is not None
         return f"http://127.0.0.1:{self.direct_port}"
+
+    @property
+    def noop_url(self) -> str:
+        assert self.noop_port is not None
+        return f"http://127.0.0.1:{self.noop_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -152,6 +162,8 @@ class LocalStack:
             models=models,
             direct_port=self.direct_port,
             direct_target=self.pods[0].address if self.pods else None,
+            noop_port=self.noop_port,
+            noop_extproc_port=self.noop_extproc_port,
         )
         return dataclasses.replace(layout, **self.config.layout)
 
@@ -206,6 +218,22 @@ class LocalStack:
             env=self.config.server_env,
         )
         self.server.wait_http(f"http://127.0.0.1:{self.http_port}/readyz")
+
+        if self.noop_extproc_port is not None and self.pods:
+            noop = self._spawn(
+                "noop-extproc",
+                [
+                    sys.executable,
+                    "-m",
+                    "tools.bench.noop_extproc",
+                    "--port",
+                    str(self.noop_extproc_port),
+                    "--target",
+                    self.pods[0].address,
+                ],
+                logs / "noop-extproc.log",
+            )
+            noop.wait_port(self.noop_extproc_port)
 
         envoy_file = self.workdir / "envoy.yaml"
         envoy_file.write_text(yaml.safe_dump(bootstrap(self.layout()), sort_keys=False))

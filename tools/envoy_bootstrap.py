@@ -18,6 +18,12 @@ from typing import Any
 INFERENCE_PREFIXES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 ORIGINAL_DST_CLUSTER = "original_destination_cluster"
 EXT_PROC_CLUSTER = "extproc"
+NOOP_EXT_PROC_CLUSTER = "extproc_noop"
+RESPONSE_COPIES = (
+    ("x-request-id", "x-request-id"),
+    ("routing-strategy", "routing-strategy"),
+    ("target-pod", "x-target-pod-name"),
+)
 BIG = 1_000_000
 TYPE = "type.googleapis.com/envoy.extensions."
 
@@ -53,6 +59,13 @@ class GatewayLayout:
     direct_port: int | None = None
     """An extra listener with no ext_proc sending everything to ``direct_target`` (benchmarks)."""
     direct_target: str | None = None
+    noop_port: int | None = None
+    """A second gateway listener whose ext_proc is the no-op server on ``noop_extproc_port``
+    (``tools/bench/noop_extproc.py``): the Python floor, measured beside our server."""
+    noop_extproc_port: int | None = None
+    stub_pod_port: int | None = None
+    """A listener answering every request itself with a fixed chat completion: an upstream that
+    costs next to nothing, so throughput benchmarks measure the routing path, not a pod."""
     access_log: bool = False
     host: str = "127.0.0.1"
     extproc_tls: ExtprocTls | None = None
@@ -117,11 +130,11 @@ def _unlimited() -> dict[str, Any]:
     return {"thresholds": [{"priority": "DEFAULT", **limit}, {"priority": "HIGH", **limit}]}
 
 
-def _ext_proc_filter(layout: GatewayLayout) -> dict[str, Any]:
+def _ext_proc_filter(layout: GatewayLayout, cluster: str = EXT_PROC_CLUSTER) -> dict[str, Any]:
     duplex = layout.request_body_mode == "FULL_DUPLEX_STREAMED"
     config: dict[str, Any] = {
         "@type": TYPE + "filters.http.ext_proc.v3.ExternalProcessor",
-        "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}, "timeout": "30s"},
+        "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "30s"},
         "failure_mode_allow": layout.failure_mode_allow,
         "allow_mode_override": layout.allow_mode_override,
         "message_timeout": layout.message_timeout,
@@ -141,11 +154,21 @@ def _ext_proc_filter(layout: GatewayLayout) -> dict[str, Any]:
 
 def _routes(layout: GatewayLayout) -> list[dict[str, Any]]:
     timeout = layout.route_timeout
-    original = {
+    original: dict[str, Any] = {
         "name": "original_route",
         "match": {"prefix": "/", "headers": [{"name": "target-pod", "present_match": True}]},
         "route": {"cluster": ORIGINAL_DST_CLUSTER, "timeout": timeout},
     }
+    # With ``response_phase: when-needed`` the server skips most response phases, so Envoy puts
+    # the routing headers on the client response itself (the server's own values win otherwise).
+    original["response_headers_to_add"] = [
+        {
+            "header": {"key": key, "value": f"%REQ({source})%"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            "keep_empty_value": False,
+        }
+        for key, source in RESPONSE_COPIES
+    ]
     routes: list[dict[str, Any]] = [original]
     for model in layout.models:
         for prefix in INFERENCE_PREFIXES:
@@ -262,6 +285,53 @@ def bootstrap(layout: GatewayLayout) -> dict[str, Any]:
             }
         )
         clusters.append(_endpoint_cluster("direct", [layout.direct_target]))
+    if layout.noop_port is not None and layout.noop_extproc_port is not None:
+        filters = [_ext_proc_filter(layout, NOOP_EXT_PROC_CLUSTER)]
+        listeners.append(
+            {
+                "name": "noop",
+                "address": _address(layout.host, layout.noop_port),
+                "per_connection_buffer_limit_bytes": buffer_limit,
+                "filter_chains": [{"filters": [_hcm("noop", _routes(layout), filters, False)]}],
+            }
+        )
+        clusters.append(
+            _endpoint_cluster(
+                NOOP_EXT_PROC_CLUSTER, [f"127.0.0.1:{layout.noop_extproc_port}"], http2=True
+            )
+        )
+    if layout.stub_pod_port is not None:
+        answer = (
+            '{"id":"stub","object":"chat.completion","model":"stub","choices":[{"index":0,'
+            '"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
+            '"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+        )
+        page = (
+            "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0\n"
+            "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 0\n"
+            "# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc 0.1\n"
+        )
+        stub_routes = [
+            {
+                "match": {"path": "/metrics"},
+                "direct_response": {"status": 200, "body": {"inline_string": page}},
+            },
+            {
+                "match": {"prefix": "/"},
+                "direct_response": {"status": 200, "body": {"inline_string": answer}},
+                "response_headers_to_add": [
+                    {"header": {"key": "content-type", "value": "application/json"}},
+                    {"header": {"key": "x-pod-name", "value": "stub"}},
+                ],
+            },
+        ]
+        listeners.append(
+            {
+                "name": "stub_pod",
+                "address": _address(layout.host, layout.stub_pod_port),
+                "filter_chains": [{"filters": [_hcm("stub_pod", stub_routes, [], False)]}],
+            }
+        )
     return {
         "static_resources": {"listeners": listeners, "clusters": clusters},
         "admin": {"address": _address("127.0.0.1", layout.admin_port)},

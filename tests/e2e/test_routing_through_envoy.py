@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import eventually, total_in_flight
-from tools.devstack import LocalStack
+from tests.e2e.conftest import eventually, metric_samples, total_in_flight
+from tools.devstack import LocalStack, StackConfig
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "Say this is a test!"}]}
 
@@ -214,3 +214,69 @@ async def test_cancelled_streams_leave_no_in_flight(stack: LocalStack) -> None:
         for _ in range(4):
             await asyncio.gather(*(cancel_one(session) for _ in range(50)))
     await eventually(lambda: _zero(stack), timeout=20)
+
+
+@pytest.fixture(scope="module")
+def skipping() -> Iterator[LocalStack]:
+    """The server skips the response phase of requests that need no token usage."""
+    config = StackConfig(
+        pods=2,
+        models=("m1",),
+        sim_defaults={"decode_time_base": 0.002},
+        server_args=("--response-phase", "when-needed"),
+    )
+    with LocalStack(config) as running:
+        yield running
+
+
+async def test_skipped_response_phase_keeps_the_client_headers(skipping: LocalStack) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):
+            status, headers, _ = await post(
+                session, skipping, CHAT, routing_strategy="random", x_request_id="skip-1"
+            )
+            assert status == 200
+            assert headers["target-pod"] == headers["x-pod-name"]
+            assert headers["routing-strategy"] == "random"
+            assert headers["x-request-id"] == "skip-1"
+        body = {**CHAT, "stream": True, "max_tokens": 3}
+        async with session.post(
+            skipping.gateway_url + "/v1/chat/completions",
+            json=body,
+            headers={"routing-strategy": "least-request"},
+        ) as response:
+            assert (await stream_lines(response))[-1] == "data: [DONE]"
+    statuses = await metric_samples(skipping, "extproc_requests_total")
+    assert statuses.get('{model="m1",status="unobserved",strategy="random"}', 0) >= 4
+    await eventually(lambda: _zero(skipping))
+
+
+@pytest.fixture(scope="module")
+def one_round_trip() -> Iterator[LocalStack]:
+    """Envoy sends headers and body without waiting and skips the response: one round trip."""
+    config = StackConfig(
+        pods=2,
+        models=("m1",),
+        sim_defaults={"decode_time_base": 0.002},
+        server_args=("--response-phase", "never"),
+        layout={"request_body_mode": "FULL_DUPLEX_STREAMED", "response_header_mode": "SKIP"},
+    )
+    with LocalStack(config) as running:
+        yield running
+
+
+async def test_one_round_trip_setup(one_round_trip: LocalStack) -> None:
+    stack = one_round_trip
+    async with aiohttp.ClientSession() as session:
+        big = {**CHAT, "messages": [{"role": "user", "content": "long " * 5000}]}
+        for body in (CHAT, big):
+            status, headers, answer = await post(
+                session, stack, body, routing_strategy="least-request"
+            )
+            assert status == 200, answer
+            assert headers["target-pod"] == headers["x-pod-name"]
+            assert headers["routing-strategy"] == "least-request"
+        s, _, b = await post(session, stack, {**CHAT, "model": "nope"}, routing_strategy="random")
+        assert error_of(s, b, 404)["code"] == "model_not_found"
+    statuses = await metric_samples(stack, "extproc_requests_total")
+    assert statuses.get('{model="m1",status="unobserved",strategy="least-request"}', 0) >= 2

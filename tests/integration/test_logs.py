@@ -37,8 +37,13 @@ def json_logs() -> Iterator[Callable[[], list[dict[str, Any]]]]:
     assert isinstance(handler, logging.StreamHandler)
     buffer = io.StringIO()
     handler.setStream(buffer)
+
+    def read() -> list[dict[str, Any]]:
+        logs.flush()  # the handler batches writes; the server flushes it every second
+        return [orjson.loads(line) for line in buffer.getvalue().splitlines()]
+
     try:
-        yield lambda: [orjson.loads(line) for line in buffer.getvalue().splitlines()]
+        yield read
     finally:
         root.handlers[:], level, access_level = saved
         root.setLevel(level)

@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     overhead.add_argument("--warmup", type=int, default=200)
     overhead.add_argument("--strategies", default="least-request")
     overhead.add_argument(
+        "--sglang",
+        default="round_robin",
+        help="comma-separated SGLang router policies to compare ('' for none)",
+    )
+    overhead.add_argument(
         "--body-mode", default="BUFFERED", choices=["BUFFERED", "STREAMED", "FULL_DUPLEX_STREAMED"]
     )
     overhead.add_argument("--response-header-mode", default="SEND", choices=["SEND", "SKIP"])
@@ -103,6 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     ratelimit.add_argument("--blocks", type=int, default=10, help="alternating blocks")
     ratelimit.add_argument("--warmup", type=int, default=100)
     ratelimit.add_argument("--out", help="write the JSON result here")
+
+    throughput = commands.add_parser(
+        "throughput", help="routed requests/s one server process sustains (needs wrk)"
+    )
+    throughput.add_argument(
+        "--response-phase", default="always", choices=["always", "when-needed", "never"]
+    )
+    throughput.add_argument("--connections", default="1,2,4,8,16")
+    throughput.add_argument("--seconds", type=int, default=8)
+    throughput.add_argument("--pods", type=int, default=8)
+    throughput.add_argument("--out", help="write the JSON result here")
 
     decision = commands.add_parser("decision", help="in-process routing decision cost")
     decision.add_argument("--pods", default="64", help="comma-separated pod counts")
@@ -172,8 +188,20 @@ def main(argv: list[str] | None = None) -> int:
             args.blocks,
             args.warmup,
             [s for s in args.strategies.split(",") if s],
+            [p for p in args.sglang.split(",") if p],
             args.server_arg,
             layout,
+        )
+        result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
+        _write(result, args.out)
+    elif args.benchmark == "throughput":
+        from tools.bench import throughput as throughput_bench
+
+        result = throughput_bench.run(
+            args.response_phase,
+            [int(c) for c in args.connections.split(",")],
+            args.seconds,
+            args.pods,
         )
         result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
         _write(result, args.out)

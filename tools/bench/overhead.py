@@ -1,7 +1,17 @@
-"""Added latency of the ext_proc hop: the same Envoy, the same pod, with and without routing.
+"""Added latency of the routing hop, side by side in one run on the same simulated pods.
 
-Blocks of requests alternate between Envoy's plain listener (straight to pod 0) and its gateway
-listener (ext_proc picks among the pods), so machine noise hits both sides alike.
+Variants, in alternating blocks so machine noise hits all alike:
+
+- ``pod-direct``: the client straight to pod 0 (the floor for any proxy);
+- ``envoy-direct``: the same Envoy, a listener with no ext_proc, straight to pod 0;
+- ``extproc no-op``: the same Envoy with a Python ext_proc that does nothing but answer
+  (``tools/bench/noop_extproc.py``): the floor any Python ``grpc.aio`` ext_proc pays;
+- ``extproc <strategy>``: the same Envoy's gateway listener, our server picking the pod;
+- ``sglang-<policy>``: the SGLang router (``sglang-router`` from PyPI) in front of the pods.
+
+Our added latency is measured against ``envoy-direct`` (Envoy is there anyway); the SGLang
+router's against ``pod-direct`` (it is the proxy). The server's CPU seconds per 1000 routed
+requests are read from /proc.
 """
 
 from __future__ import annotations
@@ -10,24 +20,31 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from tools.bench.compare import start_sglang
 from tools.bench.loadgen import Run, Sample, closed_loop, percentile
 from tools.bench.proc import cpu_seconds
 from tools.devstack import LocalStack, StackConfig
+from tools.processes import Managed
 
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
 
 
 @dataclass
-class OverheadResult:
+class Variant:
     label: str
-    samples: list[Sample]
+    url: str
+    headers: dict[str, str]
+    baseline: str | None
+    """The variant this one's added latency is measured against."""
+    routed: bool = False
+    samples: list[Sample] | None = None
 
     def summary(self) -> dict[str, Any]:
-        latencies = [s.latency * 1000 for s in self.samples if s.status == 200]
+        latencies = [s.latency * 1000 for s in self.samples or [] if s.status == 200]
         return {
             "label": self.label,
-            "requests": len(self.samples),
-            "errors": sum(1 for s in self.samples if s.status != 200),
+            "requests": len(self.samples or []),
+            "errors": sum(1 for s in self.samples or [] if s.status != 200),
             "p50_ms": round(percentile(latencies, 50), 3),
             "p90_ms": round(percentile(latencies, 90), 3),
             "p99_ms": round(percentile(latencies, 99), 3),
@@ -46,36 +63,32 @@ def stack_config(pods: int, server_args: list[str], layout: dict[str, Any]) -> S
         server_args=server_args,
         layout=layout,
         direct_listener=True,
+        noop_listener=True,
     )
 
 
 async def measure(
-    stack: LocalStack,
-    variants: dict[str, dict[str, str] | None],
-    requests: int,
-    concurrency: int,
-    blocks: int,
-) -> tuple[dict[str, OverheadResult], float]:
-    """Alternate blocks over ``variants`` (label -> routing headers, None = direct listener)."""
-    results = {label: OverheadResult(label, []) for label in variants}
+    stack: LocalStack, variants: list[Variant], requests: int, concurrency: int, blocks: int
+) -> float:
+    """Alternate blocks over the variants; returns server CPU seconds per 1000 routed requests."""
     per_block = max(1, requests // blocks)
     server_pid = stack.server.pid if stack.server else 0
     cpu_before = cpu_seconds(server_pid)
     routed = 0
+    for variant in variants:
+        variant.samples = []
     for _ in range(blocks):
-        for label, headers in variants.items():
-            base = stack.direct_url if headers is None else stack.gateway_url
-            url = base + "/v1/chat/completions"
+        for variant in variants:
 
-            def factory(i: int, url: str = url, headers: dict[str, str] | None = headers) -> Any:
-                return url, BODY, headers or {}
+            def factory(i: int, v: Variant = variant) -> Any:
+                return v.url + "/v1/chat/completions", BODY, v.headers
 
             run: Run = await closed_loop(factory, per_block, concurrency)
-            results[label].samples.extend(run.samples)
-            if headers is not None:
+            assert variant.samples is not None
+            variant.samples.extend(run.samples)
+            if variant.routed:
                 routed += len(run.samples)
-    cpu_per_1000 = (cpu_seconds(server_pid) - cpu_before) / max(routed, 1) * 1000
-    return results, cpu_per_1000
+    return (cpu_seconds(server_pid) - cpu_before) / max(routed, 1) * 1000
 
 
 def run(
@@ -85,25 +98,51 @@ def run(
     blocks: int,
     warmup: int,
     strategies: list[str],
+    sglang: list[str],
     server_args: list[str],
     layout: dict[str, Any],
 ) -> dict[str, Any]:
-    variants: dict[str, dict[str, str] | None] = {"envoy-direct": None}
-    for strategy in strategies:
-        variants[f"extproc {strategy}"] = {"routing-strategy": strategy}
     with LocalStack(stack_config(pods, server_args, layout)) as stack:
-        asyncio.run(measure(stack, variants, warmup, concurrency, 1))
-        results, cpu_per_1000 = asyncio.run(measure(stack, variants, requests, concurrency, blocks))
-    summaries = [r.summary() for r in results.values()]
-    baseline = summaries[0]
-    for summary in summaries[1:]:
-        summary["added_p50_ms"] = round(summary["p50_ms"] - baseline["p50_ms"], 3)
-        summary["added_p99_ms"] = round(summary["p99_ms"] - baseline["p99_ms"], 3)
+        routers: list[Managed] = []
+        try:
+            variants = [
+                Variant("pod-direct", stack.pods[0].url, {}, None),
+                Variant("envoy-direct", stack.direct_url, {}, None),
+            ]
+            variants.append(
+                Variant("extproc no-op (Python floor)", stack.noop_url, {}, "envoy-direct")
+            )
+            for strategy in strategies:
+                variants.append(
+                    Variant(
+                        f"extproc {strategy}",
+                        stack.gateway_url,
+                        {"routing-strategy": strategy},
+                        "envoy-direct",
+                        routed=True,
+                    )
+                )
+            for policy in sglang:
+                router, url = start_sglang(stack, policy)
+                routers.append(router)
+                variants.append(Variant(f"sglang-{policy}", url, {}, "pod-direct"))
+            asyncio.run(measure(stack, variants, warmup, concurrency, 1))
+            cpu_per_1000 = asyncio.run(measure(stack, variants, requests, concurrency, blocks))
+        finally:
+            for router in routers:
+                router.stop()
+    summaries = {v.label: v.summary() for v in variants}
+    for variant in variants:
+        if variant.baseline is not None:
+            summary, base = summaries[variant.label], summaries[variant.baseline]
+            summary["added_vs"] = variant.baseline
+            summary["added_p50_ms"] = round(summary["p50_ms"] - base["p50_ms"], 3)
+            summary["added_p99_ms"] = round(summary["p99_ms"] - base["p99_ms"], 3)
     return {
         "benchmark": "overhead",
         "pods": pods,
         "requests_per_variant": requests,
         "concurrency": concurrency,
         "server_cpu_seconds_per_1000_routed": round(cpu_per_1000, 3),
-        "results": summaries,
+        "results": list(summaries.values()),
     }

@@ -23,7 +23,7 @@ from extproc.telemetry import Telemetry
 from extproc.users.ratelimit import RateLimiter
 from extproc.users.store import MemoryUserStore, RedisUserStore, User, UserStore
 from tools.bench.loadgen import closed_loop, percentile
-from tools.bench.overhead import OverheadResult
+from tools.bench.overhead import Variant
 from tools.devstack import LocalStack, StackConfig
 from tools.redis_server import RedisServer
 
@@ -100,8 +100,8 @@ async def _create_users(stack: LocalStack) -> None:
 
 async def measure_requests(
     stacks: dict[str, LocalStack], requests: int, blocks: int
-) -> dict[str, OverheadResult]:
-    results: dict[str, OverheadResult] = {}
+) -> dict[str, Variant]:
+    results: dict[str, Variant] = {}
     per_block = max(1, requests // blocks)
     for _ in range(blocks):
         for store, stack in stacks.items():
@@ -114,7 +114,9 @@ async def measure_requests(
                     return url, BODY, headers
 
                 run = await closed_loop(factory, per_block, 1)
-                results.setdefault(label, OverheadResult(label, [])).samples.extend(run.samples)
+                result = results.setdefault(label, Variant(label, url, headers, None, samples=[]))
+                assert result.samples is not None
+                result.samples.extend(run.samples)
     return results
 
 
