@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -77,3 +77,16 @@ def removed_headers(response: ProcessingResponse) -> list[str]:
 
 def kinds(responses: Iterable[ProcessingResponse]) -> list[str]:
     return [str(r.WhichOneof("response")) for r in responses]
+
+
+async def run_stream(port: int, messages: list[ProcessingRequest]) -> list[ProcessingResponse]:
+    """One ext_proc stream to the server on ``port`` that sends ``messages`` and ends."""
+    import grpc
+    from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
+
+    async def send() -> AsyncIterator[ProcessingRequest]:
+        for message in messages:
+            yield message
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return [answer async for answer in ExternalProcessorStub(channel).Process(send())]

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from tools.envoy_bootstrap import GatewayLayout, bootstrap
-from tools.processes import Managed, bin_path, free_port
+from tools.processes import Managed, bin_path, envoy_command, free_port
 
 
 @dataclass
@@ -239,16 +239,7 @@ class LocalStack:
         envoy_file.write_text(yaml.safe_dump(bootstrap(self.layout()), sort_keys=False))
         self.envoy = self._spawn(
             "envoy",
-            [
-                bin_path("envoy"),
-                "-c",
-                str(envoy_file),
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-                "--disable-hot-restart",
-            ],
+            envoy_command(envoy_file),
             logs / "envoy.log",
         )
         self.envoy.wait_http(f"http://127.0.0.1:{self.admin_port}/ready")

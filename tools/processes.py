@@ -37,6 +37,20 @@ def bin_path(name: str) -> str:
     return found
 
 
+def envoy_command(config: Path, log_level: str = "warning") -> list[str]:
+    """Envoy as every tool here runs it: one worker thread, several instances side by side."""
+    return [
+        bin_path("envoy"),
+        "-c",
+        str(config),
+        "--concurrency",
+        "1",
+        "-l",
+        log_level,
+        "--disable-hot-restart",
+    ]
+
+
 class Managed:
     """One child process with its log file."""
 

@@ -53,3 +53,19 @@ async def eventually(check: Any, timeout: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.1)
+
+
+async def served_by(
+    session: aiohttp.ClientSession,
+    stack: LocalStack,
+    body: Any,
+    strategy: str,
+    path: str = "/v1/chat/completions",
+) -> str:
+    """Send one request through the gateway with ``strategy``; the pod that answered it."""
+    async with session.post(
+        stack.gateway_url + path, json=body, headers={"routing-strategy": strategy}
+    ) as response:
+        assert response.status == 200, await response.text()
+        await response.read()
+        return response.headers["x-pod-name"]

@@ -14,7 +14,7 @@ import pytest
 
 from extproc.debug.v1 import debug_pb2 as pb
 from extproc.debug.v1.debug_pb2_grpc import RouterDebugStub
-from tests.e2e.conftest import eventually, total_in_flight
+from tests.e2e.conftest import eventually, served_by, total_in_flight
 from tools.devstack import LocalStack
 
 
@@ -26,19 +26,6 @@ async def debug(stack: LocalStack) -> AsyncIterator[RouterDebugStub]:
 
 def chat(content: str, **extra: Any) -> dict[str, Any]:
     return {"model": "m1", "messages": [{"role": "user", "content": content}], **extra}
-
-
-async def served_by(
-    session: aiohttp.ClientSession, stack: LocalStack, body: Any, strategy: str
-) -> str:
-    async with session.post(
-        stack.gateway_url + "/v1/chat/completions",
-        json=body,
-        headers={"routing-strategy": strategy},
-    ) as response:
-        assert response.status == 200, await response.text()
-        await response.read()
-        return response.headers["x-pod-name"]
 
 
 def best(answer: pb.ExplainResponse) -> list[str]:

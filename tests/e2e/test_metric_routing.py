@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import metric_samples
+from tests.e2e.conftest import metric_samples, served_by
 from tools.devstack import LocalStack, StackConfig
 
 PROBE = {"model": "m", "prompt": "hello there", "max_tokens": 1}
@@ -47,12 +47,7 @@ async def hold(session: aiohttp.ClientSession, url: str, prompt: str) -> aiohttp
 
 
 async def probe(session: aiohttp.ClientSession, stack: LocalStack, strategy: str) -> str:
-    async with session.post(
-        stack.gateway_url + "/v1/completions", json=PROBE, headers={"routing-strategy": strategy}
-    ) as response:
-        assert response.status == 200, await response.text()
-        await response.read()
-        return response.headers["x-pod-name"]
+    return await served_by(session, stack, PROBE, strategy, "/v1/completions")
 
 
 async def test_each_strategy_picks_what_its_formula_says(states: LocalStack) -> None:

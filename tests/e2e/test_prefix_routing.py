@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import metric_samples
+from tests.e2e.conftest import metric_samples, served_by
 from tools.bench.workloads import text
 from tools.devstack import LocalStack, StackConfig
 
@@ -41,14 +41,7 @@ async def send(
         "max_tokens": 1,
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
     }
-    async with session.post(
-        stack.gateway_url + "/v1/chat/completions",
-        json=body,
-        headers={"routing-strategy": strategy},
-    ) as response:
-        assert response.status == 200, await response.text()
-        await response.read()
-        return response.headers["x-pod-name"]
+    return await served_by(session, stack, body, strategy)
 
 
 @pytest.mark.parametrize("strategy", ["prefix-cache", "prefix-cache-and-load"])

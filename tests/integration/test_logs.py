@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -13,7 +13,6 @@ import grpc
 import orjson
 import pytest
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
-from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 
 from extproc import logs
 from extproc.app import Server
@@ -51,15 +50,7 @@ def json_logs() -> Iterator[Callable[[], list[dict[str, Any]]]]:
 
 
 async def exchange(server: Server, messages: list[ProcessingRequest]) -> None:
-    """One ext_proc stream that sends ``messages`` and ends."""
-
-    async def send() -> AsyncIterator[ProcessingRequest]:
-        for message in messages:
-            yield message
-
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        async for _ in ExternalProcessorStub(channel).Process(send()):
-            pass
+    await ep.run_stream(server.grpc_port, messages)
 
 
 def headers(request_id: str, **extra: str) -> ProcessingRequest:

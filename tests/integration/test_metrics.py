@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 import orjson
 import pytest
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
-from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,13 +28,7 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), 
 
 
 async def exchange(server: Server, messages: list[ProcessingRequest]) -> None:
-    async def send() -> AsyncIterator[ProcessingRequest]:
-        for message in messages:
-            yield message
-
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        async for _ in ExternalProcessorStub(channel).Process(send()):
-            pass
+    await ep.run_stream(server.grpc_port, messages)
 
 
 async def traffic(server: Server) -> list[str]:

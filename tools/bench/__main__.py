@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     scraper.add_argument("--pods", type=int, default=200)
     scraper.add_argument("--interval", type=float, default=0.1)
     scraper.add_argument("--seconds", type=float, default=20.0)
+    scraper.add_argument(
+        "--loop",
+        default="uvloop",
+        choices=["uvloop", "asyncio"],
+        help="event loop (the server uses uvloop when installed)",
+    )
     scraper.add_argument("--out", help="write the JSON result here")
 
     ratelimit = commands.add_parser(
@@ -119,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     throughput.add_argument("--seconds", type=int, default=8)
     throughput.add_argument("--pods", type=int, default=8)
     throughput.add_argument("--out", help="write the JSON result here")
+
+    memory = commands.add_parser("index-memory", help="prefix index memory at capacity")
+    memory.add_argument("--blocks", type=int, default=1_000_000)
+    memory.add_argument("--pods", type=int, default=64)
+    memory.add_argument("--prompt-blocks", type=int, default=64)
+    memory.add_argument("--shared", type=float, default=0.3)
+    memory.add_argument("--out", help="write the JSON result here")
 
     decision = commands.add_parser("decision", help="in-process routing decision cost")
     decision.add_argument("--pods", default="64", help="comma-separated pod counts")
@@ -205,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
         _write(result, args.out)
+    elif args.benchmark == "index-memory":
+        from tools.bench import index_memory
+
+        result = index_memory.run(args.blocks, args.pods, args.prompt_blocks, args.shared)
+        result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
+        _write(result, args.out)
     elif args.benchmark == "decision":
         from tools.bench import decision as decision_bench
 
@@ -222,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.benchmark == "scraper":
         from tools.bench import scraper as scraper_bench
 
-        result = scraper_bench.run(args.pods, args.interval, args.seconds)
+        result = scraper_bench.run(args.pods, args.interval, args.seconds, args.loop)
         result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
         _write(result, args.out)
     return 0

@@ -19,25 +19,39 @@ from extproc import envoy_messages as msgs
 
 class NoopProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, target: str) -> None:
-        self._routed = msgs.request_body(
-            msgs.mutation([msgs.header("target-pod", target.encode())]), clear_route_cache=True
-        )
+        mutation = msgs.mutation([msgs.header("target-pod", target.encode())])
+        self._routed = msgs.request_body(mutation, clear_route_cache=True)
+        self._routed_headers = msgs.request_headers(mutation, clear_route_cache=True)
 
     async def Process(
         self,
         request_iterator: AsyncIterator[ProcessingRequest],
         context: grpc.aio.ServicerContext[ProcessingRequest, ProcessingResponse],
     ) -> AsyncIterator[ProcessingResponse]:
+        duplex = False
+        chunks: list[bytes] = []
         async for message in request_iterator:
             kind = message.WhichOneof("request")
             if kind == "request_headers":
-                yield msgs.CONTINUE_REQUEST_HEADERS
+                duplex = (
+                    message.protocol_config.request_body_mode == msgs.BodyMode.FULL_DUPLEX_STREAMED
+                )
+                if not duplex:
+                    yield msgs.CONTINUE_REQUEST_HEADERS
+            elif kind == "request_body" and duplex:
+                # Full duplex: answer once, after the last chunk, handing the body back.
+                chunks.append(message.request_body.body)
+                if message.request_body.end_of_stream:
+                    yield self._routed_headers
+                    yield msgs.streamed_request_body(b"".join(chunks), end_of_stream=True)
             elif kind == "request_body":
                 yield self._routed
             elif kind == "response_headers":
                 yield msgs.CONTINUE_RESPONSE_HEADERS
             elif kind == "response_body":
                 yield msgs.CONTINUE_RESPONSE_BODY
+            elif kind == "request_trailers":
+                yield msgs.CONTINUE_REQUEST_TRAILERS
 
 
 async def serve(port: int, target: str) -> None:

@@ -27,6 +27,8 @@ from tools.devstack import LocalStack, StackConfig
 from tools.processes import Managed
 
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+INSTANT_SIM = {"decode_time_base": 0.0, "decode_time_per_seq": 0.0, "prefill_time_per_token": 0.0}
+"""Simulated pods that answer at once: latency benchmarks measure the path, not the pod."""
 
 
 @dataclass
@@ -55,11 +57,7 @@ def stack_config(pods: int, server_args: list[str], layout: dict[str, Any]) -> S
     return StackConfig(
         pods=pods,
         models=("bench",),
-        sim_defaults={
-            "decode_time_base": 0.0,
-            "decode_time_per_seq": 0.0,
-            "prefill_time_per_token": 0.0,
-        },
+        sim_defaults=INSTANT_SIM,
         server_args=server_args,
         layout=layout,
         direct_listener=True,

@@ -23,7 +23,7 @@ from extproc.telemetry import Telemetry
 from extproc.users.ratelimit import RateLimiter
 from extproc.users.store import MemoryUserStore, RedisUserStore, User, UserStore
 from tools.bench.loadgen import closed_loop, percentile
-from tools.bench.overhead import Variant
+from tools.bench.overhead import INSTANT_SIM, Variant
 from tools.devstack import LocalStack, StackConfig
 from tools.redis_server import RedisServer
 
@@ -80,11 +80,7 @@ def _stack(server_args: list[str]) -> StackConfig:
     return StackConfig(
         pods=1,
         models=("bench",),
-        sim_defaults={
-            "decode_time_base": 0.0,
-            "decode_time_per_seq": 0.0,
-            "prefill_time_per_token": 0.0,
-        },
+        sim_defaults=INSTANT_SIM,
         server_args=server_args,
     )
 

@@ -28,8 +28,8 @@ def summarize(
         "target": name,
         "requests": len(records),
         "errors": len(records) - len(ok),
-        "ttft_ms": {q: round(percentile(ttft, q), 1) for q in (50, 90, 99)},
-        "latency_ms": {q: round(percentile(latency, q), 1) for q in (50, 90, 99)},
+        "ttft_ms": {f"p{q}": round(percentile(ttft, q), 1) for q in (50, 90, 99)},
+        "latency_ms": {f"p{q}": round(percentile(latency, q), 1) for q in (50, 90, 99)},
         "throughput_rps": round(len(ok) / wall, 2) if wall else 0.0,
         "output_tokens_per_s": round(sum(r.completion_tokens for r in ok) / wall, 1)
         if wall
@@ -50,7 +50,7 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
     for r in results:
         t, e = r["ttft_ms"], r["latency_ms"]
         lines.append(
-            f"| {r['target']} | {t[50]} | {t[90]} | {t[99]} | {e[50]} | {e[99]} | "
+            f"| {r['target']} | {t['p50']} | {t['p90']} | {t['p99']} | {e['p50']} | {e['p99']} | "
             f"{r['throughput_rps']} | {r['output_tokens_per_s']} | {r['prefix_hit_rate']:.1%} | "
             f"{r['max_share_over_fair']} | {r['errors']} |"
         )
@@ -69,7 +69,7 @@ def chart(results: Sequence[dict[str, Any]], title: str, path: Path) -> None:
     for offset, q in zip((-width, 0.0, width), (50, 90, 99), strict=True):
         axes[0].bar(
             [i + offset for i in range(len(names))],
-            [r["ttft_ms"][q] for r in results],
+            [r["ttft_ms"][f"p{q}"] for r in results],
             width,
             label=f"p{q}",
         )

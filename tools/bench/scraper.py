@@ -61,7 +61,7 @@ async def _measure(ports: list[int], interval: float, seconds: float) -> dict[st
     }
 
 
-def run(pods: int, interval: float, seconds: float) -> dict[str, Any]:
+def run(pods: int, interval: float, seconds: float, loop: str = "uvloop") -> dict[str, Any]:
     with TemporaryDirectory() as tmp:
         ports_file = Path(tmp) / "ports.json"
         exporter = Managed(
@@ -87,7 +87,14 @@ def run(pods: int, interval: float, seconds: float) -> dict[str, Any]:
             from tools.bench.exporter import vllm_like_page
 
             ports = json.loads(ports_file.read_text())
-            result = asyncio.run(_measure(ports, interval, seconds))
+            measure = _measure(ports, interval, seconds)
+            if loop == "uvloop":
+                import uvloop
+
+                result = uvloop.run(measure)
+            else:
+                result = asyncio.run(measure)
+            result["event_loop"] = loop
             result["page_bytes"] = len(vllm_like_page())
         finally:
             exporter.stop()

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from tools.envoy_bootstrap import GatewayLayout, bootstrap
-from tools.processes import Managed, bin_path, free_port
+from tools.processes import Managed, bin_path, envoy_command, free_port
 
 BODY = '{"model": "m", "messages": [{"role": "user", "content": "Say this is a test!"}]}'
 P99_LIMIT_MS = 10.0
@@ -141,16 +141,7 @@ def run(response_phase: str, connections: list[int], seconds: int, pods: int) ->
             processes[1].wait_port(noop_grpc)
             envoy = Managed(
                 "envoy",
-                [
-                    bin_path("envoy"),
-                    "-c",
-                    str(envoy_file),
-                    "--concurrency",
-                    "1",
-                    "-l",
-                    "error",
-                    "--disable-hot-restart",
-                ],
+                envoy_command(envoy_file, "error"),
                 work / "envoy.log",
             ).start()
             processes.append(envoy)
