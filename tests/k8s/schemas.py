@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,11 +20,34 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 import yaml
 from kubernetes.client import ApiClient
 
 REPO = Path(__file__).resolve().parents[2]
-CRDS = REPO.parent / "shared" / "crds"
+
+
+def _shared() -> Path:
+    """The product's shared folder (official CRDs, seed examples): ``$EXTPROC_SHARED_DIR``, else
+    beside the checkout, else the workplace's ``/work/shared`` (a clone made elsewhere)."""
+    candidates = (os.environ.get("EXTPROC_SHARED_DIR"), REPO.parent / "shared", "/work/shared")
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "crds").is_dir():
+            return Path(candidate)
+    return REPO.parent / "shared"
+
+
+SHARED = _shared()
+CRDS = SHARED / "crds"
+SEED = SHARED / "seed-examples"
+
+
+def require_shared(path: Path) -> Path:
+    """Skip, saying where it looked, when the shared folder is not on this machine."""
+    if not path.exists():
+        pytest.skip(f"{path} is not here: set EXTPROC_SHARED_DIR to the product's shared folder")
+    return path
+
 
 Obj = dict[str, Any]
 
@@ -78,8 +102,7 @@ def strict(schema: Any) -> Any:
 @cache
 def crds() -> dict[tuple[str, str], Crd]:
     """``(apiVersion, kind)`` -> schema, for every served version of every shared CRD."""
-    if not CRDS.is_dir():
-        raise FileNotFoundError(f"the shared CRDs are missing: expected them in {CRDS}")
+    require_shared(CRDS)
     found: dict[tuple[str, str], Crd] = {}
     for path in sorted(CRDS.glob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):

@@ -21,14 +21,14 @@ from extproc.kube.httproutes import (
 from tests.k8s import objects, schemas
 from tests.k8s.fake_apiserver import FakeApiServer
 
-SEED = schemas.REPO.parent / "shared" / "seed-examples"
+SEED = schemas.SEED
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
 
 Obj = dict[str, Any]
 
 
 def seed(name: str) -> list[Obj]:
-    return [d for d in yaml.safe_load_all((SEED / name).read_text()) if d]
+    return [d for d in yaml.safe_load_all(schemas.require_shared(SEED / name).read_text()) if d]
 
 
 def only(found: list[Obj], kind: str) -> Obj:
@@ -207,7 +207,8 @@ def test_durations(seconds: float, text: str) -> None:
 def test_render_command_from_files_and_stdin(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert cli.main(["httproutes", "render", "-f", str(SEED / "model-deployment.yaml")]) == 0
+    seed = schemas.require_shared(SEED / "model-deployment.yaml")
+    assert cli.main(["httproutes", "render", "-f", str(seed)]) == 0
     out = capsys.readouterr()
     rendered = [d for d in yaml.safe_load_all(out.out) if d]
     assert [o["kind"] for o in rendered] == ["HTTPRoute", "ReferenceGrant"]
