@@ -272,33 +272,17 @@ class Exchange:
         request = openai_request.parse(self._endpoint, body)
         if gw.settings.log_prompts:
             self._prompt = _prompt_of(request)
-        model = request.model
-        if not gw.registry.knows_model(model):
-            raise errors.model_not_found(model)
-        self._model = model
+        model = self._model = request.model
+        plan = self._plan
+        prepared = await gw.prepare(request, plan, self.request_id, self._user)
+        view = prepared.view
         request_id = self.request_id.encode()
         headers = [msgs.fixed_header(MODEL, model.encode()), msgs.header(REQUEST_ID, request_id)]
-        plan = self._plan
         if plan is not None:
-            pods = gw.registry.candidates(model)
-            if not pods:
-                raise errors.no_ready_pod(model, gw.settings.retry_after_seconds)
-            now = time.monotonic()
-            view = RequestView(
-                request_id=self.request_id,
-                model=model,
-                user=self._user,
-                now=now,
-                prompt_length=request.prompt_length,
-                max_tokens=request.max_tokens,
-                stream=request.stream,
-            )
+            pods = prepared.pods
+            now = view.now
             self._needs_usage = self._charge_tokens or plan.needs_usage
-            hashes: list[int] | None = None
-            if plan.needs_prefix or gw.settings.prefix_track_all:
-                hashes = await gw.prefix.hashes(model, request)
-                view.prefix_blocks = len(hashes)
-                view.prefix_matches = gw.prefix.lookup(hashes, pods)
+            hashes = prepared.hashes
             decision = gw.router.decide(plan, view, pods)
             self._decision_seconds = decision.seconds
             pod = decision.pod
@@ -316,13 +300,7 @@ class Exchange:
         elif self._charge_tokens:
             # Routed by model only, but the user's TPM limit needs the response's usage.
             self._needs_usage = True
-            self._request = RequestView(
-                request_id=self.request_id,
-                model=model,
-                user=self._user,
-                prompt_length=request.prompt_length,
-                stream=request.stream,
-            )
+            self._request = view
         self.state = State.ROUTED
         if self._skip_response:
             self._status = UNOBSERVED
@@ -400,7 +378,8 @@ class Exchange:
         pod = self._pod
         if pod is None:
             if self._endpoint is not None:
-                model = self._model if self._model else "unknown"
+                # Only models the fleet serves become labels: a client's typo must not.
+                model = self._model if gw.registry.knows_model(self._model) else "unknown"
                 strategy = self._plan.metric_label if self._plan else "none"
                 gw.telemetry.count_request(model, strategy, status)
                 if access_log.isEnabledFor(logging.INFO):

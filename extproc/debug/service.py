@@ -25,7 +25,7 @@ from extproc.gateway import DESTINATION_ENDPOINT, MODEL, REQUEST_ID, TARGET_POD,
 from extproc.openai_request import INFERENCE_PATHS, Endpoint
 from extproc.pods import Pod
 from strategies import registry
-from strategies.base import PodView, RequestView
+from strategies.base import PodView
 from strategies.selection import best_index, combine
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RouterDebug"].full_name
@@ -111,28 +111,10 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
         if len(body) > settings.max_body_bytes:
             raise errors.body_too_large(settings.max_body_bytes)
         parsed = openai_request.parse(endpoint, body)
-        model = parsed.model
-        if not gw.registry.knows_model(model):
-            raise errors.model_not_found(model)
-        pods = gw.registry.candidates(model)
-        if plan is not None and not pods:
-            raise errors.no_ready_pod(model, settings.retry_after_seconds)
-
-        now = time.monotonic()
-        view = RequestView(
-            request_id=request_id,
-            model=model,
-            user=user,
-            now=now,
-            prompt_length=parsed.prompt_length,
-            max_tokens=parsed.max_tokens,
-            stream=parsed.stream,
-        )
-        hashes = await gw.prefix.hashes(model, parsed, count_fallback=False)
-        matches = gw.prefix.lookup(hashes, pods)
-        if plan is not None and (plan.needs_prefix or settings.prefix_track_all):
-            view.prefix_blocks = len(hashes)
-            view.prefix_matches = matches
+        prepared = await gw.prepare(parsed, plan, request_id, user, explain=True)
+        pods, view = prepared.pods, prepared.view
+        model, now = parsed.model, view.now
+        hashes, matches = prepared.hashes or [], prepared.matches
         answer = pb.ExplainResponse(
             model=model,
             path=path,
