@@ -29,9 +29,8 @@ MODEL = "model"
 
 @dataclass(slots=True)
 class Prepared:
-    """What a request is routed on: parsed, its model known, its candidates and view ready."""
+    """What a request is routed on: its model known, its candidates and view ready."""
 
-    request: InferenceRequest
     pods: Sequence[PodView]
     view: RequestView
     hashes: list[int] | None
@@ -92,7 +91,7 @@ class Gateway:
             if uses_prefix:
                 view.prefix_blocks = len(hashes)
                 view.prefix_matches = matches
-        return Prepared(request, pods, view, hashes, matches)
+        return Prepared(pods, view, hashes, matches)
 
     def models_body(self) -> bytes:
         """``GET /v1/models`` in OpenAI's list format, rebuilt only when the fleet changes."""

@@ -49,6 +49,15 @@ class Decision:
     seconds: float = 0.0
 
 
+@dataclass(slots=True)
+class Explanation:
+    per_strategy: dict[str, list[float]]
+    """Strategy name -> one score per pod, in the plan's order."""
+    combined: list[float]
+    """The weighted mean ``decide`` picks the best of."""
+    fallbacks: list[tuple[str, str]]
+
+
 class Router:
     def __init__(
         self,
@@ -111,16 +120,15 @@ class Router:
         self._telemetry.observe_decision(plan.metric_label, seconds)
         return Decision(pod, scores, fallbacks, seconds)
 
-    def explain(
-        self, plan: Plan, request: RequestView, pods: Sequence[PodView]
-    ) -> tuple[dict[str, list[float]], list[tuple[str, str]]]:
-        """Per-strategy scores without side effects on strategy state or metrics."""
+    def explain(self, plan: Plan, request: RequestView, pods: Sequence[PodView]) -> Explanation:
+        """What ``decide`` would weigh, without side effects on strategy state or metrics."""
         fallbacks: list[tuple[str, str]] = []
         per_strategy = {
             strategy.name: list(self._scores(strategy, request, pods, fallbacks, count=False))
             for strategy in plan.strategies
         }
-        return per_strategy, fallbacks
+        combined = combine(list(per_strategy.values()), plan.weights, len(pods))
+        return Explanation(per_strategy, combined, fallbacks)
 
     def _scores(
         self,

@@ -6,6 +6,8 @@ import random
 from collections.abc import Sequence
 
 WEIGHT_MAX = 1000.0
+TIE_TOLERANCE = 1e-9
+"""Scores this close to the best count as tied (and ties break at random)."""
 
 
 class PlanSyntaxError(ValueError):
@@ -70,7 +72,9 @@ def combine(
     return combined
 
 
-def best_index(scores: Sequence[float], rng: random.Random, tolerance: float = 1e-9) -> int:
+def best_index(
+    scores: Sequence[float], rng: random.Random, tolerance: float = TIE_TOLERANCE
+) -> int:
     """Index of the highest score; ties (within ``tolerance``) break uniformly at random."""
     top = max(scores)
     tied = [i for i, value in enumerate(scores) if value >= top - tolerance]

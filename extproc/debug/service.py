@@ -26,12 +26,10 @@ from extproc.openai_request import INFERENCE_PATHS, Endpoint
 from extproc.pods import Pod
 from strategies import registry
 from strategies.base import PodView
-from strategies.selection import best_index, combine
+from strategies.selection import TIE_TOLERANCE, best_index
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RouterDebug"].full_name
 PATHS = {endpoint: path for path, endpoint in INFERENCE_PATHS.items()}
-TIE_TOLERANCE = 1e-9
-"""The tolerance ``strategies.selection.best_index`` breaks ties within."""
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
@@ -131,14 +129,13 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
             answer.routed_by_model = True
             return answer
 
-        per_strategy, fallbacks = gw.router.explain(plan, view, pods)
-        score_lists = [per_strategy[s.name] for s in plan.strategies]
-        combined = combine(score_lists, plan.weights, len(pods))
+        explanation = gw.router.explain(plan, view, pods)
+        combined = explanation.combined
         top = max(combined)
         for i, candidate in enumerate(answer.candidates):
             candidate.score = combined[i]
             candidate.best = combined[i] >= top - TIE_TOLERANCE
-            for name, scores in zip(per_strategy, score_lists, strict=True):
+            for name, scores in explanation.per_strategy.items():
                 candidate.scores.add(strategy=name, score=scores[i])
         chosen = pods[best_index(combined, self._rng)]
         answer.strategy = plan.label
@@ -146,7 +143,7 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
         answer.address = chosen.address
         answer.fallbacks.extend(
             pb.Fallback(strategy=name, reason=reason, used=registry.FALLBACK)
-            for name, reason in fallbacks
+            for name, reason in explanation.fallbacks
         )
         answer.upstream_headers[TARGET_POD] = chosen.address
         answer.upstream_headers[settings.strategy_header] = plan.label

@@ -125,7 +125,9 @@ def test_hooks_run_for_every_routed_request_whichever_strategy_chose(router: Rou
 
 
 def test_explain_has_no_side_effects(router: Router) -> None:
-    scores, fallbacks = router.explain(router.plan("refuses"), view(), fleet(1, 0))
+    explanation = router.explain(router.plan("refuses"), view(), fleet(1, 0))
+    scores = explanation.per_strategy
     assert scores["refuses"][1] > scores["refuses"][0]
-    assert fallbacks == [("refuses", "no-metrics")]
+    assert explanation.combined == scores["refuses"]
+    assert explanation.fallbacks == [("refuses", "no-metrics")]
     assert fallback_count(router, "refuses", "no-metrics") == 0
