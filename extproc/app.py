@@ -22,12 +22,17 @@ from extproc.config import ConfigError, Settings
 from extproc.debug import service as debug_service
 from extproc.debug.v1 import debug_pb2_grpc
 from extproc.discovery.static import StaticDiscovery
-from extproc.gateway import Gateway
-from extproc.pods import PodRegistry
-from extproc.prefix import tracker as prefix_tracker
-from extproc.router import Router
+from extproc.envoy.exchange import Exchange, ExchangeServices
+from extproc.envoy.servicer import ExternalProcessor
+from extproc.fleet.models_list import ModelsList
+from extproc.fleet.registry import PodRegistry
+from extproc.prefix import producer as prefix_producer
+from extproc.routing.access_log import AccessLog
+from extproc.routing.accounting import Accounting
+from extproc.routing.pipeline import Pipeline
+from extproc.routing.plans import Plans
+from extproc.scraping.readings import Readings
 from extproc.scraping.scraper import Scraper
-from extproc.servicer import ExternalProcessor
 from extproc.telemetry import Telemetry
 from extproc.tls import ServerCertificates
 from extproc.users.api import UsersApi
@@ -44,22 +49,46 @@ GRPC_OVERHEAD_BYTES = 1024 * 1024
 
 
 class Server:
+    """Builds every component from its settings section and wires them together once."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        routing, users = settings.routing, settings.users
         self.telemetry = Telemetry()
-        self.registry = PodRegistry(stale_after=settings.metrics_stale_after)
-        self.router = Router(self.telemetry, settings.strategy_options)
+        self.registry = PodRegistry()
+        self.readings = Readings(settings.scraping.stale_after)
+        self.accounting = Accounting()
+        self.plans = Plans(routing)
         self.users: UserStore = (
-            RedisUserStore(settings.redis_url, settings.redis_timeout)
-            if settings.redis_url
+            RedisUserStore(users.redis_url, users.redis_timeout)
+            if users.redis_url
             else MemoryUserStore()
         )
-        self.limiter = RateLimiter(settings, self.users, self.telemetry)
-        self.users_api = UsersApi(settings, self.users, self.telemetry)
-        self.prefix = prefix_tracker.build(settings, self.registry, self.telemetry)
-        self.gateway = Gateway(
-            settings, self.registry, self.router, self.telemetry, self.limiter, self.prefix
+        self.limiter = RateLimiter(users, self.users, self.telemetry, routing.user_header)
+        self.users_api = UsersApi(users, self.users, self.telemetry)
+        self.prefix = prefix_producer.build(settings.prefix, self.registry, self.telemetry)
+        self.pipeline = Pipeline(
+            routing,
+            registry=self.registry,
+            readings=self.readings,
+            accounting=self.accounting,
+            plans=self.plans,
+            producers=[self.prefix],
+            limiter=self.limiter,
+            telemetry=self.telemetry,
+            access_log=AccessLog(settings.logging.prompts),
         )
+        server = settings.server
+        self.exchange_services = ExchangeServices(
+            pipeline=self.pipeline,
+            models=ModelsList(self.registry),
+            strategy_header=routing.strategy_header,
+            user_header=routing.user_header,
+            max_body_bytes=server.max_body_bytes,
+            response_phase=server.response_phase,
+            destination_endpoint_header=server.destination_endpoint_header,
+        )
+        self.draining = False
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.http_port = 0
@@ -68,31 +97,35 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self.discovery: StaticDiscovery | None = None
-        if settings.discovery == "static":
+        discovery = settings.discovery
+        if discovery.provider == "static":
             if settings.config is None:
                 raise ConfigError(
-                    "config", "static discovery needs --config FILE listing the pods (see README)"
+                    "config",
+                    "static discovery needs --config FILE listing the pods (docs/configuration.md)",
                 )
             self.discovery = StaticDiscovery(
-                settings.config, self.registry, self.telemetry, settings.static_reload_interval
+                settings.config, self.registry, self.telemetry, discovery.static_reload_interval
             )
         self.cluster: Cluster | None = None
-        if settings.discovery == "kubernetes" or settings.manage_httproutes:
+        if discovery.provider == "kubernetes" or settings.kubernetes.manage_httproutes:
             from extproc.kube.cluster import Cluster  # the kubernetes client loads only when needed
 
-            self.cluster = Cluster(settings, self.registry, self.telemetry)
-        self.telemetry.watch_fleet(self.registry)
+            self.cluster = Cluster(
+                settings.kubernetes,
+                self.registry,
+                self.telemetry,
+                discover_pods=discovery.provider == "kubernetes",
+            )
+        self.telemetry.watch_fleet(self.registry, self.readings, self.accounting)
         self.registry.on_removed(self._forget_pod)
-        self.scraper = Scraper(
-            self.registry,
-            self.telemetry,
-            interval=settings.scrape_interval,
-            timeout=settings.scrape_timeout,
-            window=settings.metrics_window,
-        )
+        self.scraper = Scraper(settings.scraping, self.registry, self.readings, self.telemetry)
+
+    def new_exchange(self) -> Exchange:
+        return Exchange(self.exchange_services)
 
     async def start(self) -> None:
-        settings = self.settings
+        settings = self.settings.server
         if self.discovery is not None:
             self.discovery.load_initial()
         credentials = None
@@ -107,11 +140,20 @@ class Server:
             ]
         )
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessor(self.gateway), self._grpc
+            ExternalProcessor(self.new_exchange, self.telemetry), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        routing = self.settings.routing
         debug_pb2_grpc.add_RouterDebugServicer_to_server(
-            debug_service.RouterDebug(self.gateway), self._grpc
+            debug_service.RouterDebug(
+                self.pipeline,
+                strategy_header=routing.strategy_header,
+                user_header=routing.user_header,
+                max_body_bytes=settings.max_body_bytes,
+                destination_endpoint_header=settings.destination_endpoint_header,
+                prefix_index=self.prefix.index,
+            ),
+            self._grpc,
         )
         reflection.enable_server_reflection(
             (
@@ -132,7 +174,10 @@ class Server:
             raise OSError(f"cannot bind the gRPC port {address} (already in use?)") from None
         await self._grpc.start()
 
-        self._http = web.AppRunner(http_server.make_app(self.gateway), access_log=None)
+        self._http = web.AppRunner(
+            http_server.make_app(self.telemetry, self.registry, lambda: self.draining),
+            access_log=None,
+        )
         await self._http.setup()
         site = web.TCPSite(self._http, settings.host, settings.http_port, reuse_port=False)
         await site.start()
@@ -178,7 +223,7 @@ class Server:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking streams, let open ones finish for ``grace`` seconds, then cancel them."""
-        self.gateway.draining = True
+        self.draining = True
         await self._set_serving(False)
         if self._grpc is not None:
             # Open streams keep routing with live metrics until they finish or grace ends.
@@ -205,13 +250,15 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        grace = self.settings.drain_seconds
+        grace = self.settings.server.drain_seconds
         log.info("signal received; draining for up to %.1fs", grace)
         await self.stop(grace)
 
     def _forget_pod(self, name: str) -> None:
-        self.router.forget_pod(name)
+        self.plans.forget_pod(name)
         self.prefix.forget_pod(name)
+        self.accounting.forget(name)
+        self.pipeline.snapshots.forget(name)
 
 
 async def _flush_logs() -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin
 
 from extproc import config, logs
-from extproc.config import ConfigError, Settings
+from extproc.config import ConfigError
 
 log = logging.getLogger("extproc")
 
@@ -18,30 +19,36 @@ log = logging.getLogger("extproc")
 def _add_settings_flags(
     parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None
 ) -> None:
-    hints = get_type_hints(Settings)
-    for f in config.fields():
-        if not f.metadata.get("cli", True) or (only is not None and f.name not in only):
+    for knob in config.knobs():
+        if not knob.on_cli or (only is not None and knob.flat not in only):
             continue
-        envs = ", ".join(config.env_names(f))
-        help_text = f"{f.metadata['help']} (env {envs}; default {f.default!r})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
-        hint = hints[f.name]
+        envs = ", ".join(knob.envs)
+        default = knob.field.default if knob.field.default is not dataclasses.MISSING else None
+        help_text = f"{knob.help} (env {envs}; default {default!r})"
+        kwargs: dict[str, Any] = {"dest": knob.flat, "default": None, "help": help_text}
+        hint = knob.hint
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif get_origin(hint) is not None and "Literal" in str(get_origin(hint)):
+        elif get_origin(hint) is Literal:
             kwargs["choices"] = get_args(hint)
         else:
-            kwargs["metavar"] = f.name.upper()
-        parser.add_argument(config.flag_name(f), **kwargs)
+            kwargs["metavar"] = knob.flat.upper()
+        parser.add_argument(knob.flag, **kwargs)
     if only is not None:
         return
     parser.add_argument(
         "--strategy-option",
         action="append",
         dest="strategy_option",
-        metavar="STRATEGY.OPTION=VALUE",
-        help="set one strategy option, e.g. least-request.smoothing=2 (repeatable)",
+        metavar="NAME.OPTION=VALUE",
+        help="set one option of a strategy instance, e.g. least-request.smoothing=2, or add an "
+        "instance: sticky.algorithm=prefix-cache (repeatable)",
     )
+
+
+def settings_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line, by flat name."""
+    return {k.flat: getattr(args, k.flat, None) for k in config.knobs()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "dev":
-        from tools import devstack
+        from extproc.devstack import stack as devstack
 
         return devstack.run(args)
     if args.command == "httproutes":
@@ -96,19 +103,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    flags = {f.name: getattr(args, f.name, None) for f in config.fields()}
     try:
-        settings = config.load(flags, strategy_option_flags=args.strategy_option)
+        settings = config.load(settings_flags(args), strategy_option_flags=args.strategy_option)
     except ConfigError as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
-    logs.setup(settings.log_format, settings.log_level)
+    logs.setup(settings.logging.format, settings.logging.level)
     from extproc.app import Server
     from extproc.discovery.static import PodFileError
 
     try:
         server = Server(settings)
-        run_loop(server.run_until_signalled(), settings.event_loop)
+        run_loop(server.run_until_signalled(), settings.server.event_loop)
     except (ConfigError, PodFileError) as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Every error the gateway returns, as one exception type with OpenAI's error shape.
 
 The exchange turns a ``GatewayError`` into an Envoy ImmediateResponse; nothing else may reach the
-client as an error, so the table in DESIGN section 4 lives here in one place.
+client as an error, so the error table of docs/errors.md lives here in one place. A value the
+client sent is echoed at most ``ECHO_LIMIT`` characters long, the cut marked.
 """
 
 from __future__ import annotations
@@ -9,6 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import orjson
+
+ECHO_LIMIT = 256
+CUT_MARK = "...[cut]"
+
+
+def clip(value: str, limit: int = ECHO_LIMIT) -> str:
+    """``value`` cut to ``limit`` characters (the cut marked), for echoing or logging it."""
+    if len(value) <= limit:
+        return value
+    return value[: limit - len(CUT_MARK)] + CUT_MARK
 
 
 @dataclass(eq=False)
@@ -19,6 +30,8 @@ class GatewayError(Exception):
     code: str | int = "invalid_request"
     param: str | None = None
     retry_after: int | None = None
+    allow: str | None = None
+    """Methods the path accepts (the ``Allow`` header of a 405)."""
 
     def body(self) -> bytes:
         return orjson.dumps(
@@ -52,14 +65,14 @@ def model_required() -> GatewayError:
 
 def model_not_found(model: str) -> GatewayError:
     return GatewayError(
-        404, f"The model {model} does not exist.", code="model_not_found", param="model"
+        404, f"The model {clip(model)} does not exist.", code="model_not_found", param="model"
     )
 
 
 def unknown_strategy(name: str, valid: list[str], header: str) -> GatewayError:
     return GatewayError(
         400,
-        f"Unknown routing strategy '{name}'. Valid strategies: {', '.join(valid)}",
+        f"Unknown routing strategy '{clip(name, 64)}'. Valid strategies: {', '.join(valid)}",
         code="unknown_routing_strategy",
         param=header,
     )
@@ -67,7 +80,10 @@ def unknown_strategy(name: str, valid: list[str], header: str) -> GatewayError:
 
 def invalid_strategy(detail: str, header: str) -> GatewayError:
     return GatewayError(
-        400, f"Invalid {header} header: {detail}", code="invalid_routing_strategy", param=header
+        400,
+        f"Invalid {header} header: {clip(detail)}",
+        code="invalid_routing_strategy",
+        param=header,
     )
 
 
@@ -94,7 +110,7 @@ def rate_limited(user: str, kind: str, limit: int, retry_after: int) -> GatewayE
     type is OpenAI's for rate limits (``requests`` or ``tokens``)."""
     return GatewayError(
         429,
-        f"user: {user} has exceeded {kind}: {limit}",
+        f"user: {clip(user)} has exceeded {kind}: {limit}",
         type="requests" if kind == "RPM" else "tokens",
         code=429,
         retry_after=retry_after,
@@ -104,7 +120,7 @@ def rate_limited(user: str, kind: str, limit: int, retry_after: int) -> GatewayE
 def unknown_user(user: str, header: str) -> GatewayError:
     return GatewayError(
         401,
-        f"user: {user} is not registered",
+        f"user: {clip(user)} is not registered",
         type="authentication_error",
         code="unknown_user",
         param=header,
@@ -127,4 +143,19 @@ def internal(request_id: str) -> GatewayError:
         f"The gateway failed to process request {request_id}; it has been logged.",
         type="server_error",
         code="internal_error",
+    )
+
+
+def method_not_allowed(method: str, path: str) -> GatewayError:
+    return GatewayError(
+        405,
+        f"Method {clip(method, 16)} is not allowed on {clip(path, 64)}; use POST.",
+        code="method_not_allowed",
+        allow="POST",
+    )
+
+
+def path_not_found(path: str) -> GatewayError:
+    return GatewayError(
+        404, f"No inference endpoint at {clip(path, 128)}.", code="not_found", param="path"
     )

@@ -25,7 +25,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from extproc.pods import PodRegistry
+from extproc.fleet.registry import PodRegistry
+from extproc.routing.accounting import Accounting
+from extproc.scraping.readings import Readings
 
 DECISION_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -43,6 +45,8 @@ class Telemetry:
         self._request_counts: dict[tuple[str, str, str], Any] = {}
         self._request_times: dict[str, tuple[Any, Any]] = {}
         self._decision_times: dict[str, Any] = {}
+        self._fallback_counts: dict[tuple[str, str], Any] = {}
+        self._scrape_error_reasons: dict[str, set[str]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         process_collector.ProcessCollector(registry=self.registry)
         platform_collector.PlatformCollector(registry=self.registry)
@@ -77,7 +81,8 @@ class Telemetry:
         )
         self.fallbacks = Counter(
             "extproc_routing_fallback",
-            "Times a strategy could not decide and least-request was used instead.",
+            "Decisions in which a strategy could not score some or all candidates, which "
+            "least-request scored instead.",
             ["strategy", "reason"],
             registry=r,
         )
@@ -119,6 +124,11 @@ class Telemetry:
             "extproc_discovery_errors",
             "Discovery updates rejected (the last good pod set is kept).",
             ["provider"],
+            registry=r,
+        )
+        self.protocol_errors = Counter(
+            "extproc_protocol_errors",
+            "ext_proc streams ended because a message came out of order (never from Envoy).",
             registry=r,
         )
         self.internal_errors = Counter(
@@ -185,18 +195,36 @@ class Telemetry:
             child = self._decision_times[strategy] = self.decision_seconds.labels(strategy)
         child.observe(seconds)
 
-    def watch_fleet(self, pods: PodRegistry) -> None:
-        self.registry.register(FleetCollector(pods))
+    def count_fallback(self, strategy: str, reason: str) -> None:
+        key = (strategy, reason)
+        child = self._fallback_counts.get(key)
+        if child is None:
+            child = self._fallback_counts[key] = self.fallbacks.labels(strategy, reason)
+        child.inc()
+
+    def count_scrape_error(self, pod: str, reason: str) -> None:
+        self._scrape_error_reasons.setdefault(pod, set()).add(reason)
+        self.scrape_errors.labels(pod, reason).inc()
+
+    def forget_pod(self, pod: str) -> None:
+        """A pod left: its per-pod series go with it, so pod churn does not grow /metrics."""
+        for reason in self._scrape_error_reasons.pop(pod, ()):
+            self.scrape_errors.remove(pod, reason)
+
+    def watch_fleet(self, pods: PodRegistry, readings: Readings, accounting: Accounting) -> None:
+        self.registry.register(FleetCollector(pods, readings, accounting))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class FleetCollector(Collector):
-    """Per-pod gauges read from the registry at scrape time, so routing never touches them."""
+    """Per-pod gauges read at scrape time, so routing never touches them."""
 
-    def __init__(self, pods: PodRegistry) -> None:
+    def __init__(self, pods: PodRegistry, readings: Readings, accounting: Accounting) -> None:
         self._pods = pods
+        self._readings = readings
+        self._accounting = accounting
 
     def collect(self) -> Iterable[Metric]:
         in_flight = GaugeMetricFamily(
@@ -219,14 +247,16 @@ class FleetCollector(Collector):
         )
         now = time.monotonic()
         for pod in self._pods.pods():
-            view = pod.view
-            labels = [view.name, view.model]
-            in_flight.add_metric(labels, view.in_flight)
-            ready.add_metric(labels, 1.0 if view.ready else 0.0)
-            if view.metrics is not None:
-                age.add_metric(labels, now - view.metrics_at)
-            if pod.first_metrics_at is not None and pod.became_ready_at is not None:
-                coldstart.add_metric(labels, max(0.0, pod.first_metrics_at - pod.became_ready_at))
+            spec = pod.spec
+            labels = [spec.name, spec.model]
+            in_flight.add_metric(labels, self._accounting.counters(spec.name).in_flight)
+            ready.add_metric(labels, 1.0 if spec.ready else 0.0)
+            reading = self._readings.get(spec.name)
+            if reading is not None:
+                age.add_metric(labels, now - reading.at)
+            first = self._readings.first_at(spec.name)
+            if first is not None and pod.ready_since is not None:
+                coldstart.add_metric(labels, max(0.0, first - pod.ready_since))
         yield in_flight
         yield ready
         yield age

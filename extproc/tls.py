@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from extproc.config import ConfigError, Settings
+from extproc.config import ConfigError, ServerSettings
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class CertificateSet:
 class ServerCertificates:
     """The files named by ``tls_cert``, ``tls_key`` and ``tls_client_ca``."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry) -> None:
+    def __init__(self, settings: ServerSettings, telemetry: Telemetry) -> None:
         assert settings.tls_cert is not None and settings.tls_key is not None
         self._files: dict[str, Path] = {"tls_cert": settings.tls_cert, "tls_key": settings.tls_key}
         if settings.tls_client_ca is not None:

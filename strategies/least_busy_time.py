@@ -6,28 +6,31 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from strategies.base import PodView, RequestView, Strategy, Timings, Usage
+from strategies.base import Strategy
+from strategies.context import Finished, PodSnapshot, RoutingContext, Score
 from strategies.selection import lower_is_better
 
 
 @dataclass
 class LeastBusyTime(Strategy):
     """Score ``1 - busy / (max_busy + smoothing)``, where a pod's ``busy`` is the sum, over the
-    requests this gateway sent it, of the part of each request's life inside the last
+    requests this server sent it, of the part of each request's life inside the last
     ``window`` seconds (open requests count up to now).
 
     Finished requests are accumulated in ``bucket``-second slots, so the cost per decision is
     bounded by the window, not by the request rate; the oldest slot is counted whole, an error
-    of at most one bucket. Needs no pod metrics, so it never falls back; it sees only this
+    of at most one bucket. Open requests are keyed by the server's own request key, never by a
+    client-supplied id. A pod that left is forgotten, and requests still finishing there are
+    not counted again. Needs no pod metrics, so it never falls back; it sees only this
     replica's traffic.
     """
 
-    name = "least-busy-time"
+    algorithm = "least-busy-time"
     window: float = 30.0
     bucket: float = 1.0
     smoothing: float = 1.0
     _slots: dict[str, dict[int, float]] = field(default_factory=dict, init=False, repr=False)
-    _open: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False)
+    _open: dict[str, dict[int, float]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.window <= 0 or self.bucket <= 0 or self.bucket > self.window:
@@ -44,19 +47,20 @@ class LeastBusyTime(Strategy):
             total += now - max(began, start)
         return total
 
-    def score(self, request: RequestView, pods: Sequence[PodView]) -> Sequence[float]:
-        now = request.now
-        return lower_is_better([self.busy_seconds(p.name, now) for p in pods], self.smoothing)
+    def score(self, ctx: RoutingContext) -> Sequence[Score]:
+        now = ctx.now
+        return lower_is_better([self.busy_seconds(p.name, now) for p in ctx.pods], self.smoothing)
 
-    def on_routed(self, request: RequestView, pod: PodView) -> None:
-        self._open.setdefault(pod.name, {})[request.request_id] = request.now
+    def on_routed(self, ctx: RoutingContext, pod: PodSnapshot) -> None:
+        self._open.setdefault(pod.name, {})[ctx.key] = ctx.now
 
-    def on_finished(
-        self, request: RequestView, pod: PodView, usage: Usage | None, timings: Timings
-    ) -> None:
-        began = self._open.get(pod.name, {}).pop(request.request_id, timings.routed_at)
-        ended = timings.finished_at if timings.finished_at is not None else began
-        slots = self._slots.setdefault(pod.name, {})
+    def on_finished(self, done: Finished) -> None:
+        open_requests = self._open.get(done.pod)
+        began = open_requests.pop(done.key, None) if open_requests is not None else None
+        if began is None:
+            return  # routed before the pod left (or before this instance existed)
+        ended = done.finished_at
+        slots = self._slots.setdefault(done.pod, {})
         began = max(began, ended - self.window)
         slot = math.floor(began / self.bucket)
         while began < ended:

@@ -6,7 +6,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from strategies.base import CannotDecide, MetricsWindow, PodView, RequestView, Strategy
+from strategies.base import CannotDecide, Strategy
+from strategies.context import MetricsWindow, RoutingContext, Score
 from strategies.selection import lower_is_better
 
 
@@ -25,10 +26,9 @@ class _Profile:
 class LeastLatency(Strategy):
     """Expected latency ``queue + prefill + decode`` from the pod's recent window and its
     current load:
-
     - ``batch = running + sent_since_scrape + 1``: the batch this request would join;
     - ``queue = waiting x e2e / max(running, 1)`` when the pod queues (``waiting > 0``), with
-      the requests sent since the last scrape counted as waiting too: with continuous batching
+      the requests sent since the last reading counted as waiting too: with continuous batching
       a slot frees about every ``e2e / running`` seconds; 0 when nothing waits;
     - ``prefill = (ttft - queue_time) / mean_prompt_tokens x this prompt's tokens``;
     - ``decode = (e2e - ttft) / mean_output_tokens x output tokens x batch / (mean_running + 1)``
@@ -36,39 +36,39 @@ class LeastLatency(Strategy):
       measured at the window's mean batch and grows with the batch, so a pod already running
       more requests than usual is predicted slower at once, and a burst does not herd onto
       the pod with the best history.
-
     A pod that finished no request in the window borrows the median profile of the pods that
-    did (same model, usually the same hardware). Score ``1 - latency / (max_latency + 1 ms)``.
+    did (same model, usually the same hardware); a pod without a fresh reading is unknown.
+    Score ``1 - latency / (max_latency + 1 ms)``.
     """
 
-    name = "least-latency"
-    chars_per_token: float = 4.0
+    algorithm = "least-latency"
 
-    def __post_init__(self) -> None:
-        if self.chars_per_token <= 0:
-            raise ValueError("chars_per_token must be > 0")
-
-    def score(self, request: RequestView, pods: Sequence[PodView]) -> Sequence[float]:
-        now = request.now
-        metrics = [pod.metrics_or_raise(now) for pod in pods]
-        profiles = [_profile(m.window) for m in metrics]
+    def score(self, ctx: RoutingContext) -> Sequence[Score]:
+        pods = ctx.pods
+        profiles = [_profile(p.metrics.window) if p.metrics is not None else None for p in pods]
         known = [p for p in profiles if p is not None]
         if not known:
+            if all(p.metrics is None for p in pods):
+                return [p.unknown for p in pods]
             raise CannotDecide("no-latency-data")
         median = _median_profile(known)
-        prompt_tokens = request.prompt_length / self.chars_per_token
-        latencies = []
-        for pod, pod_metrics, profile in zip(pods, metrics, profiles, strict=True):
+        prompt_tokens = ctx.prompt_tokens
+        latencies: list[float] = []
+        for pod, profile in zip(pods, profiles, strict=True):
+            metrics = pod.metrics
+            if metrics is None:
+                continue
             profile = profile or median
-            running = pod_metrics.running or 0.0
-            waiting = pod_metrics.waiting or 0.0
+            running = metrics.running or 0.0
+            waiting = metrics.waiting or 0.0
             sent = pod.sent_since_scrape
             queue = (waiting + sent) * profile.e2e / max(running, 1.0) if waiting > 0 else 0.0
             batch = running + sent + 1.0
-            output = request.max_tokens if request.max_tokens is not None else profile.mean_output
+            output = ctx.max_tokens if ctx.max_tokens is not None else profile.mean_output
             decode = profile.decode_per_token * output * batch / (profile.mean_running + 1.0)
             latencies.append(queue + profile.prefill_per_token * prompt_tokens + decode)
-        return lower_is_better(latencies, 0.001)
+        scores = iter(lower_is_better(latencies, 0.001))
+        return [next(scores) if p.metrics is not None else p.unknown for p in pods]
 
 
 def _profile(window: MetricsWindow | None) -> _Profile | None:

@@ -5,21 +5,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from strategies.base import PodView, RequestView, Strategy
+from strategies.base import Strategy
+from strategies.context import RoutingContext, Score
 from strategies.selection import lower_is_better
 
 
 @dataclass
 class LeastRequest(Strategy):
-    """Score ``1 - load / (max_load + smoothing)`` over the load estimate of DESIGN section 5."""
+    """Score ``1 - load / (max_load + smoothing)`` over the load estimate
+    (``PodSnapshot.load``)."""
 
-    name = "least-request"
+    algorithm = "least-request"
     smoothing: float = 1.0
 
     def __post_init__(self) -> None:
         if self.smoothing <= 0:
             raise ValueError("smoothing must be > 0")
 
-    def score(self, request: RequestView, pods: Sequence[PodView]) -> Sequence[float]:
-        now = request.now
-        return lower_is_better([pod.load(now) for pod in pods], self.smoothing)
+    def score(self, ctx: RoutingContext) -> Sequence[Score]:
+        return lower_is_better([pod.load for pod in ctx.pods], self.smoothing)

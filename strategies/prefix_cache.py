@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from strategies.base import PodView, RequestView, Strategy
+from strategies.base import Strategy
+from strategies.context import PREFIX, RoutingContext, Score
 from strategies.selection import lower_is_better
 
 
 @dataclass
 class PrefixCache(Strategy):
-    """A match is ``prefix_matches[pod]`` leading blocks of the prompt believed cached there.
+    """A match is the number of leading prompt blocks a candidate caches (``ctx.prefix``).
 
     - load imbalanced (``max_load - min_load > imbalance_abs``): least load decides;
     - best match shorter than ``min_match_blocks`` (a miss, or a short shared preamble that
@@ -22,11 +23,11 @@ class PrefixCache(Strategy):
 
     Scores: ``0.999 x match / best_match + 0.001 x load_score`` (the match decides, load
     breaks ties), or ``0.999 x load_score + 0.001 x room`` with ``load_score = 1 - load /
-    (max_load + 1)`` and ``room = 1 - cached_blocks / (max_cached_blocks + 1)``.
+    (max_load + 1)`` and ``room = 1 - held_blocks / (max_held_blocks + 1)``.
     """
 
-    name = "prefix-cache"
-    needs_prefix = True
+    algorithm = "prefix-cache"
+    consumes = frozenset({PREFIX})
     imbalance_abs: float = 8.0
     min_match_blocks: int = 2
 
@@ -34,19 +35,20 @@ class PrefixCache(Strategy):
         if self.imbalance_abs < 0 or self.min_match_blocks < 1:
             raise ValueError("imbalance_abs must be >= 0 and min_match_blocks >= 1")
 
-    def score(self, request: RequestView, pods: Sequence[PodView]) -> Sequence[float]:
-        now = request.now
-        loads = [pod.load(now) for pod in pods]
+    def score(self, ctx: RoutingContext) -> Sequence[Score]:
+        prefix = ctx.prefix
+        assert prefix is not None, "prefix-cache consumes PREFIX"
+        loads = [pod.load for pod in ctx.pods]
         load_scores = lower_is_better(loads, 1.0)
-        matches = [request.prefix_matches.get(pod.name, 0) for pod in pods]
-        best = max(matches)
         if max(loads) - min(loads) > self.imbalance_abs:
             return load_scores
+        matches = prefix.matched
+        best = max(matches)
         if best < self.min_match_blocks:
-            fullest = max(pod.cached_blocks for pod in pods) + 1
+            fullest = max(prefix.held) + 1
             return [
-                0.999 * load + 0.001 * (1.0 - pod.cached_blocks / fullest)
-                for pod, load in zip(pods, load_scores, strict=True)
+                0.999 * load + 0.001 * (1.0 - held / fullest)
+                for held, load in zip(prefix.held, load_scores, strict=True)
             ]
         return [
             0.999 * match / best + 0.001 * load

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from strategies.base import PodView, RequestView, Strategy
+from strategies.base import Strategy
+from strategies.context import RoutingContext, Score
 
 
 @dataclass
 class RandomChoice(Strategy):
-    """Independent uniform scores: alone it is a uniform pick; in a weighted list it adds noise."""
+    """Independent uniform scores: alone it is a uniform pick; in a weighted list it adds noise.
+    Draws from the request's generator, so a dry run does not shift live picks."""
 
-    name = "random"
-    seed: int | None = None
-    _rng: random.Random = field(init=False, repr=False)
+    algorithm = "random"
 
-    def __post_init__(self) -> None:
-        self._rng = random.Random(self.seed)
-
-    def score(self, request: RequestView, pods: Sequence[PodView]) -> Sequence[float]:
-        rand = self._rng.random
-        return [rand() for _ in pods]
+    def score(self, ctx: RoutingContext) -> Sequence[Score]:
+        rand = ctx.rng.random
+        return [rand() for _ in ctx.pods]

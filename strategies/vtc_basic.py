@@ -11,7 +11,8 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from strategies.base import PodView, RequestView, Strategy, Timings, Usage
+from strategies.base import Strategy
+from strategies.context import USAGE, Finished, RoutingContext, Score
 from strategies.selection import lower_is_better
 
 BUCKETS = 12
@@ -21,11 +22,12 @@ BUCKETS = 12
 class _Window:
     """A sum over the last ``BUCKETS`` buckets; amounts leave with their bucket."""
 
-    __slots__ = ("_buckets", "total")
+    __slots__ = ("_buckets", "last")
 
     def __init__(self) -> None:
         self._buckets: deque[list[float]] = deque()
-        self.total = 0.0
+        self.last = 0
+        """The newest bucket charged."""
 
     def add(self, bucket: int, amount: float) -> None:
         self.expire(bucket)
@@ -34,22 +36,31 @@ class _Window:
             buckets[-1][1] += amount
         else:
             buckets.append([bucket, amount])
-        self.total += amount
+        self.last = bucket
 
-    def expire(self, bucket: int) -> float:
+    def subtract(self, other: _Window) -> None:
+        """Take ``other``'s amounts out of this window, bucket by bucket."""
+        mine = {int(b[0]): b for b in self._buckets}
+        for bucket, amount in other._buckets:
+            entry = mine.get(int(bucket))
+            if entry is not None:
+                entry[1] = max(0.0, entry[1] - amount)
+
+    def expire(self, bucket: int) -> None:
         buckets = self._buckets
         while buckets and buckets[0][0] <= bucket - BUCKETS:
-            self.total -= buckets.popleft()[1]
-        if not buckets:
-            self.total = 0.0
-        return self.total
+            buckets.popleft()
+
+    def total(self, bucket: int) -> float:
+        """The sum as of ``bucket``, without changing anything (scores are dry-run safe)."""
+        horizon = bucket - BUCKETS
+        return sum(amount for b, amount in self._buckets if b > horizon)
 
 
 @dataclass
 class VtcBasic(Strategy):
     """Pick the pod with the lowest ``cost = load + fairness_requests x |h| x |x - s|``, scored
     ``1 - cost / (max_cost + smoothing)``, where:
-
     - ``c(u)``, the user's virtual token counter: ``prompt_weight x prompt_tokens +
       completion_weight x completion_tokens`` of their requests that finished in the last
       ``window_seconds`` (decode is the dearer phase per token, hence 1 and 2);
@@ -60,16 +71,15 @@ class VtcBasic(Strategy):
       like weight meet on the same pods and heavy and light users sit at opposite ends;
     - ``h = 2s - 1`` scales the pull by how far the user is from average: an average user
       (``h = 0``) is routed purely by load;
-    - ``load`` is the load estimate of DESIGN section 5, and ``fairness_requests`` says how many
-      in-flight requests the fairness preference is worth (0 makes this ``least-request``).
-
+    - ``load`` is the load estimate, and ``fairness_requests`` says how many in-flight
+      requests the fairness preference is worth (0 makes this ``least-request``).
     Without a user header the request is routed by load alone. Counters are charged from the
-    usage the gateway read (requests routed by a plan that includes vtc-basic, and users with a
-    TPM limit); at most ``max_users`` users are tracked, the least recently active dropped first.
+    usage the server read (exact where the pod reports it); at most ``max_users`` users are
+    tracked, the least recently active dropped first, their tokens with them.
     """
 
-    name = "vtc-basic"
-    needs_usage = True
+    algorithm = "vtc-basic"
+    consumes = frozenset({USAGE})
     fairness_requests: float = 4.0
     prompt_weight: float = 1.0
     completion_weight: float = 2.0
@@ -87,14 +97,14 @@ class VtcBasic(Strategy):
         if self.max_users < 1:
             raise ValueError("max_users must be >= 1")
 
-    def score(self, request: RequestView, pods: Sequence[PodView]) -> Sequence[float]:
-        now = request.now
-        costs = [pod.load(now) for pod in pods]
-        user = request.user
+    def score(self, ctx: RoutingContext) -> Sequence[Score]:
+        pods = ctx.pods
+        costs = [pod.load for pod in pods]
+        user = ctx.user
         count = len(pods)
         if user is None or count < 2 or self.fairness_requests == 0:
             return lower_is_better(costs, self.smoothing)
-        share = self.share(user, now)
+        share = self.share(user, ctx.now)
         pull = self.fairness_requests * abs(2.0 * share - 1.0)
         order = sorted(range(count), key=lambda i: pods[i].name)
         for rank, index in enumerate(order):
@@ -104,11 +114,11 @@ class VtcBasic(Strategy):
     def share(self, user: str, now: float) -> float:
         """``s`` of the formula: where ``user`` stands between idle (0) and heaviest (-> 1)."""
         bucket = self._bucket(now)
-        self._forget_idle(bucket)
-        total = self._all.expire(bucket)
+        total = self._all.total(bucket)
         window = self._users.get(user)
-        mine = window.expire(bucket) if window is not None else 0.0
-        others = len(self._users) - (window is not None)
+        mine = window.total(bucket) if window is not None else 0.0
+        mine_active = window is not None and window.last > bucket - BUCKETS
+        others = self._active(bucket) - mine_active
         if others <= 0:
             return 0.5
         others_mean = max(0.0, total - mine) / others
@@ -116,27 +126,39 @@ class VtcBasic(Strategy):
             return 0.5
         return mine / (mine + others_mean)
 
-    def on_finished(
-        self, request: RequestView, pod: PodView, usage: Usage | None, timings: Timings
-    ) -> None:
-        user = request.user
+    def _active(self, bucket: int) -> int:
+        """Users charged within the window. Users are kept in order of their last charge, so
+        the idle ones lead; the hooks drop them, and this only skips those not dropped yet."""
+        horizon = bucket - BUCKETS
+        idle = 0
+        for window in self._users.values():
+            if window.last > horizon:
+                break
+            idle += 1
+        return len(self._users) - idle
+
+    def on_finished(self, done: Finished) -> None:
+        usage = done.usage
+        user = done.user
         if user is None or usage is None:
             return
         amount = (
             self.prompt_weight * usage.prompt_tokens
             + self.completion_weight * usage.completion_tokens
         )
+        bucket = self._bucket(done.finished_at)
+        self._forget_idle(bucket)
         if amount <= 0:
             return
-        now = timings.finished_at if timings.finished_at is not None else request.now
-        bucket = self._bucket(now)
-        window = self._users.get(user)
+        users = self._users
+        window = users.get(user)
         if window is None:
-            window = self._users[user] = _Window()
-            if len(self._users) > self.max_users:
-                self._users.popitem(last=False)
+            window = users[user] = _Window()
+            if len(users) > self.max_users:
+                _, evicted = users.popitem(last=False)
+                self._all.subtract(evicted)
         else:
-            self._users.move_to_end(user)
+            users.move_to_end(user)
         window.add(bucket, amount)
         self._all.add(bucket, amount)
 
@@ -146,8 +168,10 @@ class VtcBasic(Strategy):
     def _forget_idle(self, bucket: int) -> None:
         """Drop users, least recently charged first, whose counters have emptied."""
         users = self._users
+        horizon = bucket - BUCKETS
         while users:
             oldest = next(iter(users.values()))
-            if oldest.expire(bucket) > 0:
+            if oldest.last > horizon:
                 return
             users.popitem(last=False)
+        self._all.expire(bucket)

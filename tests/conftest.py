@@ -12,7 +12,7 @@ import yaml
 
 from extproc import config
 from extproc.app import Server
-from tools.processes import free_port
+from extproc.devstack.processes import free_port
 from tools.redis_server import RedisServer
 
 ServerFactory = Callable[..., "asyncio.Future[Server]"]

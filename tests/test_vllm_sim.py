@@ -22,11 +22,11 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tools.vllm_sim import PodSpec, SimParams, SimulatorFleet, homogeneous_specs
-from tools.vllm_sim.config import load_fleet_config
-from tools.vllm_sim.kv_cache import KVCacheManager
-from tools.vllm_sim.sequence import Sequence
-from tools.vllm_sim.tokenizer import Tokenizer, render_chat
+from extproc.vllm_sim import PodSpec, SimParams, SimulatorFleet, homogeneous_specs
+from extproc.vllm_sim.config import load_fleet_config
+from extproc.vllm_sim.kv_cache import KVCacheManager
+from extproc.vllm_sim.sequence import Sequence
+from extproc.vllm_sim.tokenizer import Tokenizer, render_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -670,7 +670,7 @@ async def test_runtime_params_endpoint(start_fleet: StartFleet, http: Any) -> No
 
 def _spawn(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [PYTHON, "-m", "tools.vllm_sim", *args],
+        [PYTHON, "-m", "extproc.vllm_sim", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

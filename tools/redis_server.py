@@ -12,7 +12,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from tools.processes import Managed, free_port
+from extproc.devstack.processes import Managed, free_port
 
 
 class RedisServer:

@@ -1,32 +1,35 @@
 """The ``extproc.debug.v1.RouterDebug`` gRPC service: explain a routing decision, list the fleet.
 
-Explain runs what a real request runs, in the same order (strategy plan, body size, body
-parsing, model check, candidates, prefix lookup, strategy scores) so its answer and errors agree
-with the gateway's, but it claims no pod, records nothing in the prefix index, calls no strategy
-hook and counts nothing (``Router.explain``). It is off the hot path: nothing here is reached by
-an ext_proc stream.
+Explain opens a dry-run ticket of the routing pipeline and runs its stages (plan, body parsing,
+model check, candidates, producers, scores, pick), so its answer and its errors are the ones
+a real request would get; the dry run claims no pod, records nothing in the prefix index,
+calls no strategy hook, counts nothing and draws from its own random generator. It is off the
+hot path: nothing here is reached by an ext_proc stream.
 """
 
 from __future__ import annotations
 
-import os
-import random
 import time
 from typing import Any
 
 import grpc
 import orjson
 
-from extproc import errors, openai_request
+from extproc import errors
 from extproc.debug.v1 import debug_pb2 as pb
 from extproc.debug.v1 import debug_pb2_grpc
+from extproc.envoy.headers import DESTINATION_ENDPOINT, MODEL, REQUEST_ID, TARGET_POD
+from extproc.envoy.headers import request_id as accepted_request_id
 from extproc.errors import GatewayError
-from extproc.gateway import DESTINATION_ENDPOINT, MODEL, REQUEST_ID, TARGET_POD, Gateway
-from extproc.openai_request import INFERENCE_PATHS, Endpoint
-from extproc.pods import Pod
+from extproc.fleet.registry import Pod
+from extproc.prefix.index import PrefixIndex
+from extproc.routing.accounting import Accounting
+from extproc.routing.openai_request import INFERENCE_PATHS, Endpoint
+from extproc.routing.pipeline import Pipeline, RequestHead
+from extproc.scraping.readings import Readings
 from strategies import registry
-from strategies.base import PodView
-from strategies.selection import TIE_TOLERANCE, best_index
+from strategies.context import PREFIX, PodSnapshot, RoutingContext, load_estimate
+from strategies.selection import TIE_TOLERANCE
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RouterDebug"].full_name
 PATHS = {endpoint: path for path, endpoint in INFERENCE_PATHS.items()}
@@ -41,9 +44,22 @@ Context = Any
 
 
 class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
-    def __init__(self, gateway: Gateway) -> None:
-        self._gw = gateway
-        self._rng = random.Random()  # its own: drawing from the router's would shift its picks
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        strategy_header: str,
+        user_header: str,
+        max_body_bytes: int,
+        destination_endpoint_header: bool,
+        prefix_index: PrefixIndex | None,
+    ) -> None:
+        self._pipeline = pipeline
+        self._strategy_header = strategy_header
+        self._user_header = user_header
+        self._max_body_bytes = max_body_bytes
+        self._destination_header = destination_endpoint_header
+        self._index = prefix_index
 
     async def Explain(self, request: pb.ExplainRequest, context: Context) -> pb.ExplainResponse:
         try:
@@ -57,11 +73,17 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
             raise  # abort raises; this only tells type checkers the function ends here
 
     async def ListPods(self, request: pb.ListPodsRequest, context: Context) -> pb.ListPodsResponse:
-        index = self._gw.prefix.index
+        pipeline = self._pipeline
         now = time.monotonic()
         pods = [
-            _pod_message(pod, now, index.held(pod.spec.name))
-            for pod in self._gw.registry.pods()
+            _pod_message(
+                pod,
+                now,
+                pipeline.readings,
+                pipeline.accounting,
+                self._index.held(pod.name) if self._index is not None else 0,
+            )
+            for pod in pipeline.registry.pods()
             if not request.model
             or request.model == pod.spec.model
             or request.model in pod.spec.adapters
@@ -71,7 +93,7 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        fleet = self._gw.registry
+        fleet = self._pipeline.registry
         serving: dict[str, int] = {}
         for pod in fleet.pods():
             for name in (pod.spec.model, *pod.spec.adapters):
@@ -90,64 +112,62 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
     # -- Explain -------------------------------------------------------------------------------
 
     async def _explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
-        gw = self._gw
-        settings = gw.settings
         headers = {key.lower(): value for key, value in request.headers.items()}
-        strategy = (request.strategy or headers.get(settings.strategy_header, "")).strip()
-        user = request.user or headers.get(settings.user_header) or None
-        request_id = headers.get(REQUEST_ID) or os.urandom(16).hex()
+        strategy = (request.strategy or headers.get(self._strategy_header, "")).strip()
+        user = request.user or headers.get(self._user_header) or None
+        request_id = accepted_request_id(headers.get(REQUEST_ID))
         path = request.path or PATHS[Endpoint.COMPLETIONS if request.prompt else Endpoint.CHAT]
         endpoint = INFERENCE_PATHS.get(path.partition("?")[0])
         if endpoint is None:
             raise errors.bad_request(
-                f"{path} is not an inference path, so the gateway passes it through unrouted; "
-                f"inference paths: {', '.join(INFERENCE_PATHS)}",
+                f"{errors.clip(path, 64)} is not an inference path, so the gateway passes it "
+                f"through unrouted; inference paths: {', '.join(INFERENCE_PATHS)}",
                 param="path",
             )
-        plan = gw.router.plan(strategy, settings.strategy_header) if strategy else gw.default_plan
+        ticket = self._pipeline.open(
+            RequestHead(request_id, endpoint, user, strategy or None), dry_run=True
+        )
+        await ticket.admit()
         body = _body(request, endpoint)
-        if len(body) > settings.max_body_bytes:
-            raise errors.body_too_large(settings.max_body_bytes)
-        parsed = openai_request.parse(endpoint, body)
-        prepared = await gw.prepare(parsed, plan, request_id, user, explain=True)
-        pods, view = prepared.pods, prepared.view
-        model, now = parsed.model, view.now
-        hashes, matches = prepared.hashes or [], prepared.matches
+        if len(body) > self._max_body_bytes:
+            raise errors.body_too_large(self._max_body_bytes)
+        route = await ticket.route(body)
+        ctx, plan, decision = route.ctx, route.plan, route.decision
+        assert ticket.request is not None
+        prefix = ctx.prefix if ctx is not None else None
         answer = pb.ExplainResponse(
-            model=model,
+            model=route.model,
             path=path,
             user=user or "",
             request_id=request_id,
-            prompt_blocks=len(hashes),
-            prompt_length=parsed.prompt_length,
-            uses_prefix=plan is not None and plan.needs_prefix,
-            candidates=[_candidate(pod, now, matches) for pod in pods],
+            prompt_blocks=prefix.prompt_blocks if prefix is not None else 0,
+            prompt_length=ctx.prompt_tokens if ctx is not None else ticket.request.prompt_tokens,
+            uses_prefix=plan is not None and PREFIX in plan.consumes,
+            candidates=[_candidate(ctx, i) for i in range(len(ctx.pods))] if ctx else [],
         )
-        answer.upstream_headers[MODEL] = model
+        answer.upstream_headers[MODEL] = route.model
         answer.upstream_headers[REQUEST_ID] = request_id
-        if plan is None:
+        if plan is None or decision is None or ctx is None:
             answer.routed_by_model = True
             return answer
-
-        explanation = gw.router.explain(plan, view, pods)
-        combined = explanation.combined
+        combined = decision.combined
         top = max(combined)
         for i, candidate in enumerate(answer.candidates):
             candidate.score = combined[i]
             candidate.best = combined[i] >= top - TIE_TOLERANCE
-            for name, scores in explanation.per_strategy.items():
+            for name, scores in decision.per_strategy.items():
                 candidate.scores.add(strategy=name, score=scores[i])
-        chosen = pods[best_index(combined, self._rng)]
+        chosen = ctx.pods[decision.index]
         answer.strategy = plan.label
         answer.pod = chosen.name
         answer.address = chosen.address
         answer.fallbacks.extend(
             pb.Fallback(strategy=name, reason=reason, used=registry.FALLBACK)
-            for name, reason in explanation.fallbacks
+            for name, reason in decision.fallbacks
         )
         answer.upstream_headers[TARGET_POD] = chosen.address
-        answer.upstream_headers[settings.strategy_header] = plan.label
-        if settings.destination_endpoint_header:
+        answer.upstream_headers[self._strategy_header] = plan.label
+        if self._destination_header:
             answer.upstream_headers[DESTINATION_ENDPOINT] = chosen.address
         return answer
 
@@ -174,42 +194,52 @@ def _body(request: pb.ExplainRequest, endpoint: Endpoint) -> bytes:
     return orjson.dumps(document)
 
 
-def _candidate(pod: PodView, now: float, matches: dict[str, int]) -> pb.Candidate:
+def _candidate(ctx: RoutingContext, index: int) -> pb.Candidate:
+    pod: PodSnapshot = ctx.pods[index]
+    prefix = ctx.prefix
     return pb.Candidate(
         pod=pod.name,
         address=pod.address,
-        load=pod.load(now),
+        load=pod.load,
         in_flight=pod.in_flight,
         sent_since_scrape=pod.sent_since_scrape,
-        prefix_match_blocks=matches.get(pod.name, 0),
-        metrics_fresh=pod.fresh_metrics(now) is not None,
+        prefix_match_blocks=prefix.matched[index] if prefix is not None else 0,
+        metrics_fresh=pod.metrics is not None,
     )
 
 
-def _pod_message(pod: Pod, now: float, prefix_blocks: int) -> pb.Pod:
-    spec, view = pod.spec, pod.view
+def _pod_message(
+    pod: Pod, now: float, readings: Readings, accounting: Accounting, prefix_blocks: int
+) -> pb.Pod:
+    spec = pod.spec
+    reading = readings.get(spec.name)
+    counters = accounting.counters(spec.name)
+    sent = counters.sent_since(reading)
+    fresh = readings.fresh(spec.name, now)
+
     message = pb.Pod(
         name=spec.name,
         address=spec.address,
         model=spec.model,
         adapters=sorted(spec.adapters),
-        ready=view.ready,
+        ready=spec.ready,
         namespace=spec.namespace,
         metrics_url=spec.effective_metrics_url,
-        in_flight=view.in_flight,
-        sent_since_scrape=view.sent_since_scrape,
-        load=view.load(now),
-        metrics_fresh=view.fresh_metrics(now) is not None,
+        in_flight=counters.in_flight,
+        sent_since_scrape=sent,
+        load=load_estimate(counters.in_flight, sent, fresh),
+        metrics_fresh=fresh is not None,
         prefix_blocks=prefix_blocks,
     )
-    if pod.became_ready_at is not None and view.ready:
-        message.ready_for_seconds = now - pod.became_ready_at
-    if pod.first_metrics_at is not None and pod.became_ready_at is not None:
-        message.coldstart_seconds = max(0.0, pod.first_metrics_at - pod.became_ready_at)
-    metrics = view.metrics
-    if metrics is None:
+    if pod.ready_since is not None and spec.ready:
+        message.ready_for_seconds = now - pod.ready_since
+    first = readings.first_at(spec.name)
+    if first is not None and pod.ready_since is not None:
+        message.coldstart_seconds = max(0.0, first - pod.ready_since)
+    if reading is None:
         return message
-    message.metrics_age_seconds = now - view.metrics_at
+    metrics = reading.metrics
+    message.metrics_age_seconds = now - reading.at
     out = message.metrics
     for name in (
         "running",

@@ -14,10 +14,10 @@ import ipaddress
 import logging
 from typing import Any
 
+from extproc.fleet.registry import PodRegistry, PodSpec
 from extproc.kube import model_labels as keys
 from extproc.kube.informer import Change, Informer, Obj
 from extproc.kube.model_labels import MisplacedKeyReport
-from extproc.pods import PodRegistry, PodSpec
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from extproc.config import ConfigError, read_yaml
-from extproc.pods import PodRegistry, PodSpec, check_address
+from extproc.fleet.registry import PodRegistry, PodSpec, check_address
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ import os
 import socket
 import uuid
 
-from extproc import config
-from extproc.config import Settings
+from extproc.config import KubernetesSettings
 from extproc.discovery.kubernetes import KubernetesDiscovery, slim_pod
+from extproc.fleet.registry import PodRegistry
 from extproc.kube.client import DEPLOYMENT, MODEL_ADAPTER, POD, Kube, load_api_client
 from extproc.kube.controller import HTTPRouteController, slim_deployment
 from extproc.kube.httproutes import RouteOptions
@@ -23,7 +23,6 @@ from extproc.kube.informer import Informer
 from extproc.kube.lease import LeaderLease
 from extproc.kube.metrics import KubeMetrics
 from extproc.kube.model_labels import SELECTOR, MisplacedKeyReport
-from extproc.pods import PodRegistry
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -38,12 +37,19 @@ def replica_identity() -> str:
 
 
 class Cluster:
-    def __init__(self, settings: Settings, registry: PodRegistry, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        settings: KubernetesSettings,
+        registry: PodRegistry,
+        telemetry: Telemetry,
+        *,
+        discover_pods: bool,
+    ) -> None:
         self.identity = replica_identity()
         self.api = load_api_client(settings.kubeconfig, user_agent=f"extproc/{self.identity}")
         self.kube = Kube(self.api)
         self.metrics = KubeMetrics(telemetry.registry)
-        namespaces = config.watched_namespaces(settings) or None
+        namespaces = settings.namespaces or None
         misplaced = MisplacedKeyReport(self.metrics.misplaced_keys)
         self.pods = Informer(
             self.kube,
@@ -55,7 +61,7 @@ class Cluster:
         )
         self.informers = [self.pods]
         self.discovery: KubernetesDiscovery | None = None
-        if settings.discovery == "kubernetes":
+        if discover_pods:
             adapters = Informer(self.kube, MODEL_ADAPTER, namespaces, self.metrics)
             self.informers.append(adapters)
             self.discovery = KubernetesDiscovery(

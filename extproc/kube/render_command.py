@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import yaml
 
 from extproc import config
-from extproc.config import ConfigError, Settings
+from extproc.config import ConfigError, KubernetesSettings
 from extproc.kube.httproutes import RouteOptions, flatten, render
 from extproc.kube.model_labels import SELECTOR
 
@@ -55,14 +55,14 @@ def read_objects(filenames: list[str], stdin: TextIO) -> list[dict[str, Any]]:
     return flatten(documents)
 
 
-def list_cluster(settings: Settings) -> list[dict[str, Any]]:
+def list_cluster(settings: KubernetesSettings) -> list[dict[str, Any]]:
     from extproc.kube.client import DEPLOYMENT, POD, Kube, load_api_client
 
     api = load_api_client(settings.kubeconfig)
     try:
         kube = Kube(api)
         objects: list[dict[str, Any]] = []
-        namespaces: list[str | None] = [*config.watched_namespaces(settings)] or [None]
+        namespaces: list[str | None] = [*settings.namespaces] or [None]
         for namespace in namespaces:
             for resource in (DEPLOYMENT, POD):
                 items, _ = kube.list(resource, namespace, SELECTOR)
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     stdout, stderr = sys.stdout, sys.stderr
     flags = {name: getattr(args, name, None) for name in SETTINGS}
     try:
-        settings = config.load(flags)
+        settings = config.load(flags).kubernetes
         if args.filenames:
             objects = read_objects(args.filenames, sys.stdin)
         else:

@@ -21,8 +21,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from strategies.base import PodView
-
 STAMP_BITS = 32
 STAMP_MASK = (1 << STAMP_BITS) - 1
 EXPIRE_BATCH = 256
@@ -59,25 +57,24 @@ class PrefixIndex:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def lookup(self, hashes: Sequence[int], pods: Sequence[PodView]) -> dict[str, int]:
-        """For each candidate holding the prompt's first block: how many leading blocks it holds.
-
-        Pods that hold nothing are left out (read as 0). Every candidate's ``cached_blocks`` is
-        set to the number of blocks it is believed to hold in all.
-        """
+    def lookup(self, hashes: Sequence[int], pods: Sequence[str]) -> tuple[list[int], list[int]]:
+        """For each of ``pods``: how many leading blocks of the prompt it holds, and how many
+        blocks it is believed to hold in all (both aligned with ``pods``)."""
         bits = self._bits
         held = self._held
+        count = len(pods)
+        matched = [0] * count
+        totals = [0] * count
         candidates = 0
-        for pod in pods:
-            bit = bits.get(pod.name)
-            if bit is None:
-                pod.cached_blocks = 0
-            else:
+        positions: dict[str, int] = {}
+        for i, pod in enumerate(pods):
+            bit = bits.get(pod)
+            if bit is not None:
                 candidates |= 1 << bit
-                pod.cached_blocks = held.get(bit, 0)
-        matches: dict[str, int] = {}
+                totals[i] = held.get(bit, 0)
+                positions[pod] = i
         if not candidates or not hashes:
-            return matches
+            return matched, totals
         entries = self._entries
         horizon = self._stamp() - self._ttl_stamps
         alive = candidates
@@ -89,20 +86,20 @@ class PrefixIndex:
             holders = (value >> STAMP_BITS) & alive
             if holders != alive:
                 if depth:
-                    self._note(alive & ~holders, depth, matches)
+                    self._note(alive & ~holders, depth, matched, positions)
                 alive = holders
                 if not alive:
                     break
             depth += 1
         if alive and depth:
-            self._note(alive, depth, matches)
-        return matches
+            self._note(alive, depth, matched, positions)
+        return matched, totals
 
-    def _note(self, mask: int, depth: int, matches: dict[str, int]) -> None:
+    def _note(self, mask: int, depth: int, matched: list[int], positions: dict[str, int]) -> None:
         names = self._names
         while mask:
             low = mask & -mask
-            matches[names[low.bit_length() - 1]] = depth
+            matched[positions[names[low.bit_length() - 1]]] = depth
             mask ^= low
 
     def held(self, pod: str) -> int:

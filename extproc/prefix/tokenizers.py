@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 import xxhash
 
-from extproc.openai_request import InferenceRequest
+from extproc.routing.openai_request import InferenceRequest
 
 log = logging.getLogger(__name__)
 

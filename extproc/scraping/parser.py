@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
-from strategies.base import Histogram, PodMetrics
+from strategies.context import Histogram, PodMetrics
 
 HINT_SLACK = 2048
 """How far before last time's offset a search starts (a page grows as label sets appear)."""
@@ -92,38 +93,34 @@ def parse(page: bytes, hints: Hints | None = None, full: bool = True) -> PodMetr
         hints = {}
     # A leading newline lets every sample line, the first included, be found as "\n<name>".
     data = b"\n" + page if not page.startswith(b"\n") else page
-    metrics = PodMetrics()
-    found = False
+    values: dict[str, Any] = {}
     for field, names in GAUGES.items():
-        values = _first(data, names, hints)
-        if values is not None:
-            setattr(metrics, field, values[0])
-            found = True
+        sample = _first(data, names, hints)
+        if sample is not None:
+            values[field] = sample[0]
     if not full:
-        if not found:
+        if not values:
             raise MetricsParseError("no vLLM or SGLang gauges on the page")
-        return metrics
+        return PodMetrics(**values)
     for field, names in COUNTERS.items():
-        values = _first(data, names, hints)
-        if values is not None:
-            setattr(metrics, field, values[0])
-            found = True
+        sample = _first(data, names, hints)
+        if sample is not None:
+            values[field] = sample[0]
     for field, names in HISTOGRAMS.items():
-        values = _first(data, names, hints)
-        if values is not None:
-            setattr(metrics, field, Histogram(values[0], values[1]))
-            found = True
-    if not found:
+        sample = _first(data, names, hints)
+        if sample is not None:
+            values[field] = Histogram(sample[0], sample[1])
+    if not values:
         raise MetricsParseError("no vLLM or SGLang metric families on the page")
     config = _latest_labels(data, CACHE_CONFIG, hints)
     if config:
-        metrics.block_size = _int(config.get("block_size"))
-        metrics.num_gpu_blocks = _int(config.get("num_gpu_blocks"))
+        values["block_size"] = _int(config.get("block_size"))
+        values["num_gpu_blocks"] = _int(config.get("num_gpu_blocks"))
     lora = _latest_labels(data, LORA_INFO, hints)
     if lora:
-        metrics.running_adapters = _adapters(lora.get("running_lora_adapters", ""))
-        metrics.waiting_adapters = _adapters(lora.get("waiting_lora_adapters", ""))
-    return metrics
+        values["running_adapters"] = _adapters(lora.get("running_lora_adapters", ""))
+        values["waiting_adapters"] = _adapters(lora.get("waiting_lora_adapters", ""))
+    return PodMetrics(**values)
 
 
 def _first(data: bytes, names: Sequence[_Name], hints: Hints) -> list[float] | None:

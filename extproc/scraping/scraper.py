@@ -4,8 +4,8 @@ One ticker walks the pods in slices spread over the interval and asks each pod's
 connection (``PageFetcher``) for its page; the page is parsed and published in the connection's
 callback. No coroutine or timer exists per scrape, and a pod whose exporter hangs holds up only
 itself: its request times out, its metrics age past ``metrics_stale_after``, and strategies fall
-back for it. Routing never waits for a scrape; it reads what the last good scrape left on the
-pod's view.
+back for it. Routing never waits for a scrape; it reads the last good reading from ``Readings``,
+which only the scraper writes.
 
 The gauges (running, waiting, KV usage) are read on every scrape; counters, histograms and info
 labels, which feed one-second statistics, once a second.
@@ -18,13 +18,15 @@ import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from extproc.pods import Pod, PodRegistry
+from extproc.config import ScrapingSettings
+from extproc.fleet.registry import PodRegistry, PodSpec
 from extproc.scraping.page_fetcher import PageCallback, PageFetcher
 from extproc.scraping.parser import Hints, MetricsParseError, parse
+from extproc.scraping.readings import Reading, Readings
 from extproc.telemetry import Telemetry
-from strategies.base import Histogram, MetricsWindow, PodMetrics
+from strategies.context import Histogram, MetricsWindow, PodMetrics
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class _Sample:
 class _Target:
     """One pod's scrape state."""
 
-    pod: Pod
+    spec: PodSpec
     url: str
     fetcher: PageFetcher | None = None
     sent_at: float | None = None
@@ -58,6 +60,7 @@ class _Target:
     hints: Hints = field(default_factory=dict)
     full: PodMetrics | None = None
     full_at: float = float("-inf")
+    window: MetricsWindow | None = None
     history: deque[_Sample] = field(default_factory=deque)
     failures: int = 0
 
@@ -65,17 +68,17 @@ class _Target:
 class Scraper:
     def __init__(
         self,
+        settings: ScrapingSettings,
         registry: PodRegistry,
+        readings: Readings,
         telemetry: Telemetry,
-        interval: float,
-        timeout: float,
-        window: float,
     ) -> None:
         self._registry = registry
+        self._readings = readings
         self._telemetry = telemetry
-        self._interval = interval
-        self._timeout = timeout
-        self._window = window
+        self._interval = settings.interval
+        self._timeout = settings.timeout
+        self._window = settings.window
         self._targets: dict[str, _Target] = {}
         self._ticker: asyncio.Task[None] | None = None
 
@@ -99,17 +102,24 @@ class Scraper:
         """Track every ready pod; forget pods gone, no longer ready, or moved."""
         if self._ticker is None:
             return
-        wanted = {pod.spec.name: pod for pod in self._registry.pods() if pod.spec.ready}
+        wanted = {pod.name: pod.spec for pod in self._registry.pods() if pod.spec.ready}
         for name in list(self._targets):
             target = self._targets[name]
-            pod = wanted.get(name)
-            if pod is None or pod is not target.pod or pod.spec.effective_metrics_url != target.url:
+            spec = wanted.get(name)
+            if (
+                spec is None
+                or spec.address != target.spec.address
+                or spec.effective_metrics_url != target.url
+            ):
                 if target.fetcher is not None:
                     target.fetcher.abort()
                 del self._targets[name]
-        for name, pod in wanted.items():
+                self._readings.forget(name)
+                if spec is None:
+                    self._telemetry.forget_pod(name)
+        for name, spec in wanted.items():
             if name not in self._targets:
-                target = _Target(pod, pod.spec.effective_metrics_url)
+                target = _Target(spec, spec.effective_metrics_url)
                 try:
                     target.fetcher = PageFetcher(target.url, self._callback(target))
                 except ValueError:
@@ -159,23 +169,19 @@ class Scraper:
             except MetricsParseError:
                 self._failed(target, "parse")
                 return
-            if full:
-                target.full, target.full_at = metrics, now
-            elif target.full is not None:
-                _carry_over(target.full, metrics)
             target.failures = 0
             self._publish(target, metrics, now, full)
 
         return on_page
 
     def _failed(self, target: _Target, reason: str) -> None:
-        self._telemetry.scrape_errors.labels(target.pod.spec.name, reason).inc()
+        self._telemetry.count_scrape_error(target.spec.name, reason)
         target.failures += 1
         if target.failures == 1 or target.failures % 100 == 0:
             log.warning(
                 "scrape failed (%s); metrics will go stale",
                 reason,
-                extra={"pod": target.pod.spec.name, "url": target.url, "failures": target.failures},
+                extra={"pod": target.spec.name, "url": target.url, "failures": target.failures},
             )
 
     def _publish(self, target: _Target, metrics: PodMetrics, now: float, full: bool) -> None:
@@ -187,20 +193,33 @@ class Scraper:
                 target.percent_units = True
             if target.percent_units:
                 usage /= 100.0
-            metrics.kv_cache_usage = min(1.0, max(0.0, usage))
+            usage = min(1.0, max(0.0, usage))
         if full:
-            metrics.window = self._window_of(target, metrics, now)
-        pod = target.pod
-        view = pod.view
-        view.metrics = metrics
-        view.metrics_at = now
-        view.sent_since_scrape = 0
-        if pod.first_metrics_at is None:
-            pod.first_metrics_at = now
-            ready_at = pod.became_ready_at if pod.became_ready_at is not None else now
-            log.info(
-                "first metrics %.1fs after ready", now - ready_at, extra={"pod": pod.spec.name}
+            target.window = self._window_of(target, metrics, now)
+            metrics = replace(metrics, kv_cache_usage=usage, window=target.window)
+            target.full, target.full_at = metrics, now
+        elif target.full is not None:
+            # A gauges-only page: the slower fields come from the last full parse.
+            metrics = replace(
+                target.full,
+                running=metrics.running,
+                waiting=metrics.waiting,
+                kv_cache_usage=usage,
             )
+        else:
+            metrics = replace(metrics, kv_cache_usage=usage)
+        name = target.spec.name
+        first = self._readings.first_at(name) is None
+        self._readings.publish(name, Reading(metrics, now, target.full_at))
+        if first:
+            ready_at = self._ready_since(name, now)
+            log.info("first metrics %.1fs after ready", now - ready_at, extra={"pod": name})
+
+    def _ready_since(self, name: str, now: float) -> float:
+        pod = self._registry.get(name)
+        if pod is None or pod.ready_since is None:
+            return now
+        return pod.ready_since
 
     def _window_of(self, target: _Target, metrics: PodMetrics, now: float) -> MetricsWindow | None:
         sample = _Sample(
@@ -233,22 +252,6 @@ class Scraper:
             e2e_seconds=_mean(oldest.e2e, sample.e2e),
             mean_running=sum(s.running for s in history) / len(history),
         )
-
-
-def _carry_over(full: PodMetrics, fast: PodMetrics) -> None:
-    """Give a gauges-only scrape the slower fields of the pod's last full parse."""
-    fast.prefix_cache_queries = full.prefix_cache_queries
-    fast.prefix_cache_hits = full.prefix_cache_hits
-    fast.prompt_tokens = full.prompt_tokens
-    fast.generation_tokens = full.generation_tokens
-    fast.ttft = full.ttft
-    fast.e2e_latency = full.e2e_latency
-    fast.queue_time = full.queue_time
-    fast.block_size = full.block_size
-    fast.num_gpu_blocks = full.num_gpu_blocks
-    fast.running_adapters = full.running_adapters
-    fast.waiting_adapters = full.waiting_adapters
-    fast.window = full.window
 
 
 def _reset(before: _Sample, after: _Sample) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +17,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.config import Settings
+from extproc.config import UsersSettings
+from extproc.config.settings import is_loopback
 from extproc.errors import GatewayError
 from extproc.telemetry import Telemetry
 from extproc.users.ratelimit import STORE_FAILURES
@@ -27,17 +27,18 @@ from extproc.users.store import MAX_LIMIT, User, UserExists, UserNotFound, UserS
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+LOOPBACK = "127.0.0.1"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class UsersApi:
     """The aiohttp application and its site; ``port`` is the bound port once started."""
 
-    def __init__(self, settings: Settings, store: UserStore, telemetry: Telemetry) -> None:
+    def __init__(self, settings: UsersSettings, store: UserStore, telemetry: Telemetry) -> None:
         self._settings = settings
         self._store = store
         self._timeout = settings.redis_timeout if store.remote else None
-        self._token = (settings.users_admin_token or "").encode() or None
+        self._token = (settings.admin_token or "").encode() or None
         self._store_errors = telemetry.redis_errors.labels("users_api")
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -56,10 +57,10 @@ class UsersApi:
         settings = self._settings
         warning = exposure_warning(settings)
         if warning is not None:
-            log.warning("%s", warning, extra={"port": settings.users_port})
+            log.warning("%s", warning, extra={"port": settings.port})
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, settings.host, settings.users_port, reuse_port=False)
+        site = web.TCPSite(self._runner, settings.host or LOOPBACK, settings.port, reuse_port=False)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
 
@@ -207,18 +208,13 @@ def _json(document: dict[str, object]) -> web.Response:
     return web.Response(body=orjson.dumps(document), content_type="application/json")
 
 
-def exposure_warning(settings: Settings) -> str | None:
+def exposure_warning(settings: UsersSettings) -> str | None:
     """The start-up warning for a users API anyone on the network could use, else ``None``."""
-    if settings.users_admin_token or _is_loopback(settings.host):
+    host = settings.host or LOOPBACK
+    if settings.admin_token or is_loopback(host):
         return None
     return (
-        f"THE USERS API IS OPEN: no users_admin_token is set and port {settings.users_port} "
-        f"listens on {settings.host}, so anyone who can reach it can create users and change "
+        f"THE USERS API IS OPEN: no users_admin_token is set and port {settings.port} "
+        f"listens on {host}, so anyone who can reach it can create users and change "
         "their limits; set EXTPROC_USERS_ADMIN_TOKEN or bind a loopback address"
     )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    return ipaddress.ip_address(host).is_loopback

@@ -24,11 +24,11 @@ import time
 from redis.exceptions import RedisError
 
 from extproc import errors
-from extproc.config import Settings
+from extproc.config import UsersSettings
 from extproc.telemetry import Telemetry
 from extproc.users.sliding_window import retry_after_seconds
 from extproc.users.store import Decision, UserStore, Verdict
-from strategies.base import Usage
+from strategies.context import Usage
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ WARN_EVERY = 10.0
 
 
 class RateLimiter:
-    def __init__(self, settings: Settings, store: UserStore, telemetry: Telemetry) -> None:
+    def __init__(
+        self, settings: UsersSettings, store: UserStore, telemetry: Telemetry, user_header: str
+    ) -> None:
         self._store = store
         self._remote = store.remote
         self._timeout = settings.redis_timeout
@@ -46,7 +48,7 @@ class RateLimiter:
         self._policy = settings.redis_failure_policy
         self._retry_interval = settings.redis_retry_interval
         self._unavailable_retry_after = retry_after_seconds(int(self._retry_interval * 1000))
-        self._header = settings.user_header
+        self._header = user_header
         self._defaults = (
             (settings.default_rpm, settings.default_tpm)
             if settings.unknown_user_policy == "default-limits"

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tools.devstack import LocalStack, StackConfig
+from extproc.devstack.stack import LocalStack, StackConfig
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tools.devstack import LocalStack, StackConfig
+from extproc.devstack.stack import LocalStack, StackConfig
 
 STREAMS = 20
 DRAIN_SECONDS = 30.0

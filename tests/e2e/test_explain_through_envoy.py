@@ -14,8 +14,8 @@ import pytest
 
 from extproc.debug.v1 import debug_pb2 as pb
 from extproc.debug.v1.debug_pb2_grpc import RouterDebugStub
+from extproc.devstack.stack import LocalStack
 from tests.e2e.conftest import eventually, served_by, total_in_flight
-from tools.devstack import LocalStack
 
 
 @pytest.fixture

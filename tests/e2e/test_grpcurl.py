@@ -8,8 +8,8 @@ import json
 import subprocess
 from typing import Any
 
-from tools.devstack import LocalStack
-from tools.processes import bin_path
+from extproc.devstack.processes import bin_path
+from extproc.devstack.stack import LocalStack
 
 
 def grpcurl(

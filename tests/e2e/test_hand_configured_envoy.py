@@ -15,7 +15,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tools.processes import Managed, bin_path, free_port
+from extproc.devstack.processes import Managed, bin_path, free_port
 
 ENVOY = """
 static_resources:

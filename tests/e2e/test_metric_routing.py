@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
+from extproc.devstack.stack import LocalStack, StackConfig
 from tests.e2e.conftest import metric_samples, served_by
-from tools.devstack import LocalStack, StackConfig
 
 PROBE = {"model": "m", "prompt": "hello there", "max_tokens": 1}
 BASE = {"decode_time_base": 0.01, "num_gpu_blocks": 256}

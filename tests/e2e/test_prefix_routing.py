@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
+from extproc.devstack.stack import LocalStack, StackConfig
 from tests.e2e.conftest import metric_samples, served_by
 from tools.bench.workloads import text
-from tools.devstack import LocalStack, StackConfig
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from extproc.devstack.stack import LocalStack, StackConfig
 from tests.e2e.conftest import eventually, metric_samples
-from tools.devstack import LocalStack, StackConfig
 from tools.redis_server import RedisServer
 
 SEED_CHAT = {

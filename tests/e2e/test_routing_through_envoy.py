@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from extproc.devstack.stack import LocalStack, StackConfig
 from tests.e2e.conftest import eventually, metric_samples, total_in_flight
-from tools.devstack import LocalStack, StackConfig
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "Say this is a test!"}]}
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from extproc.devstack.stack import LocalStack, StackConfig
+from extproc.envoy_config import ExtprocTls
 from tests.certs import Authority
-from tools.devstack import LocalStack, StackConfig
-from tools.envoy_bootstrap import ExtprocTls
 
 
 @pytest.fixture

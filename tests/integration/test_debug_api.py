@@ -3,6 +3,8 @@ nothing, and fails like the gateway; ListPods and ListModels describe the fleet.
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,7 +17,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from extproc.app import Server
 from extproc.debug.v1 import debug_pb2 as pb
 from extproc.debug.v1.debug_pb2_grpc import RouterDebugStub
-from strategies.base import MetricsWindow, PodMetrics
+from extproc.scraping.readings import Reading
+from extproc.users.store import User
+from strategies.context import MetricsWindow, PodMetrics
 from tests import envoy_protocol as ep
 
 LONG = "You are a careful assistant. " * 12  # several 64-byte prefix blocks
@@ -69,9 +73,7 @@ def chat(content: str, model: str = "m1") -> dict[str, Any]:
 
 async def test_explain_reports_scores_loads_and_the_choice(make_server, debug) -> None:
     server = await make_server()
-    pod_a = server.registry.get("pod-a")
-    assert pod_a is not None
-    pod_a.view.in_flight = 3
+    claims = [server.accounting.claim("pod-a", None, 0) for _ in range(3)]
     answer = await debug(server).Explain(
         pb.ExplainRequest(
             model="m1",
@@ -97,29 +99,52 @@ async def test_explain_reports_scores_loads_and_the_choice(make_server, debug) -
         "model": "m1",
         "x-request-id": answer.request_id,
     }
-    assert pod_a.view.in_flight == 3
+    assert server.accounting.counters("pod-a").in_flight == 3
+    for claim in claims:
+        claim.release()
 
 
-async def test_explain_changes_no_routing_state(make_server, debug, monkeypatch) -> None:
+def routing_state(server: Server) -> bytes:
+    """Everything a routing decision may change, serialised: every strategy instance's state,
+    the live random generator, the plan cache, the prefix index, the accounting and the
+    server's own metrics."""
+    index = server.prefix.index
+    return pickle.dumps(
+        (
+            {name: vars(strategy) for name, strategy in server.plans.strategies.items()},
+            server.pipeline.rng.getstate(),
+            list(server.plans._cache),
+            list(index._entries.items()),
+            dict(index._held),
+            {name: dataclasses.astuple(c) for name, c in server.accounting.pods.items()},
+            server.accounting.in_flight_by_model(),
+            routing_exposition(server),
+        )
+    )
+
+
+async def test_explain_changes_no_routing_state(make_server, debug) -> None:
     server = await make_server()
-
-    def forbidden(*args: object) -> None:
-        raise AssertionError("Explain called a strategy hook")
-
-    monkeypatch.setattr(server.router, "routed", forbidden)
-    monkeypatch.setattr(server.router, "finished", forbidden)
-    before = routing_exposition(server)
+    # some history first, so strategies, the index and the accounting hold state
+    await server.users.create(User("u1"))
+    for strategy in ("vtc-basic", "least-busy-time", "prefix-cache", "random"):
+        await route(server, chat(LONG), routing_strategy=strategy, user="u1")
+    before = routing_state(server)
     stub = debug(server)
-    for strategy in ("prefix-cache", "least-kv-cache", "vtc-basic", "throughput:1,random:1"):
+    for strategy in (
+        "prefix-cache",
+        "prefix-cache-and-load",
+        "least-kv-cache",
+        "vtc-basic",
+        "least-busy-time",
+        "random",
+        "throughput:1,random:1",
+    ):
         answer = await stub.Explain(
             pb.ExplainRequest(body=orjson.dumps(chat(LONG)).decode(), strategy=strategy, user="u1")
         )
         assert answer.pod in ("pod-a", "pod-b")
-    assert len(server.prefix.index) == 0
-    assert all(
-        p.view.in_flight == 0 and p.view.sent_since_scrape == 0 for p in server.registry.pods()
-    )
-    assert routing_exposition(server) == before
+    assert routing_state(server) == before
 
 
 async def test_explain_agrees_with_the_exchange(make_server, debug) -> None:
@@ -233,14 +258,14 @@ async def test_list_pods_and_models(make_server, debug) -> None:
     server = await make_server()
     await route(server, chat(LONG), routing_strategy="prefix-cache")
     pod_b = server.registry.get("pod-b")
-    assert pod_b is not None
-    pod_b.view.metrics = PodMetrics(
+    assert pod_b is not None and pod_b.ready_since is not None
+    metrics = PodMetrics(
         running=2,
         waiting=1,
         kv_cache_usage=0.5,
         window=MetricsWindow(seconds=30, requests=3, ttft_seconds=0.25),
     )
-    pod_b.view.metrics_at = pod_b.view.ready_since
+    server.readings.publish("pod-b", Reading(metrics, pod_b.ready_since, pod_b.ready_since))
     stub = debug(server)
 
     pods = {p.name: p for p in (await stub.ListPods(pb.ListPodsRequest())).pods}

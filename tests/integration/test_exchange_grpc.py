@@ -15,6 +15,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 
 from extproc.app import Server
 from tests import envoy_protocol as ep
+from tests.helpers import eventually, in_flight
 
 CHAT = orjson.dumps({"model": "m1", "messages": [{"role": "user", "content": "hello"}]})
 
@@ -66,18 +67,6 @@ async def stream_to(make_server: Callable[..., Any]) -> AsyncIterator[Callable[.
     yield open_stream
     for stream in streams:
         await stream.close()
-
-
-def in_flight(server: Server) -> int:
-    return sum(p.view.in_flight for p in server.registry.pods())
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 async def test_buffered_request_is_routed_in_the_body_answer(make_server, stream_to) -> None:
@@ -327,11 +316,53 @@ async def test_other_paths_pass_through_untouched(make_server, stream_to) -> Non
     mode = answer.mode_override
     assert mode.request_body_mode == ProcessingMode.NONE
     assert mode.response_header_mode == ProcessingMode.SKIP
-    # A GET on an inference path is not an inference request either.
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+async def test_wrong_methods_on_inference_paths_are_405_json(
+    make_server, stream_to, method: str
+) -> None:
+    server = await make_server()
     stream = stream_to(server)
-    await stream.send(ep.request_headers(path="/v1/chat/completions", method="GET"))
+    await stream.send(ep.request_headers(path="/v1/chat/completions", method=method))
     (answer,) = await stream.read()
-    assert answer.HasField("mode_override")
+    reply = answer.immediate_response
+    assert reply.status.code == 405
+    assert ep.set_headers(answer)["allow"] == "POST"
+    assert orjson.loads(reply.body)["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/v1/chat/completions/extra", 404), ("/v1/completions/", 404), ("/v1/models/nope", 404)],
+)
+async def test_sub_paths_of_inference_paths_are_404_json(
+    make_server, stream_to, path: str, status: int
+) -> None:
+    server = await make_server()
+    stream = stream_to(server)
+    method = "GET" if path.startswith("/v1/models") else "POST"
+    await stream.send(ep.request_headers(path=path, method=method))
+    (answer,) = await stream.read()
+    assert answer.immediate_response.status.code == status
+    assert orjson.loads(answer.immediate_response.body)["error"]["code"] in (
+        "not_found",
+        "model_not_found",
+    )
+
+
+async def test_one_model_is_listed_by_its_path(make_server, stream_to) -> None:
+    server = await make_server()
+    stream = stream_to(server)
+    await stream.send(ep.request_headers(path="/v1/models/m1-lora", method="GET"))
+    (answer,) = await stream.read()
+    assert orjson.loads(answer.immediate_response.body) | {"created": 0} == {
+        "id": "m1-lora",
+        "object": "model",
+        "created": 0,
+        "owned_by": "extproc",
+        "parent": "m1",
+    }
 
 
 async def test_cancelled_calls_and_shutdown_release_everything(make_server) -> None:

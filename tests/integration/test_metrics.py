@@ -1,6 +1,6 @@
-"""``/metrics`` after real traffic: every family is documented in the README with its labels,
-no label carries a user, a request id or a client-chosen value, and the Grafana dashboard
-queries only metrics that exist."""
+"""``/metrics`` after real traffic: every family is documented in docs/observability.md with
+its labels, no label carries a user, a request id or a client-chosen value, and the Grafana
+dashboard queries only metrics that exist."""
 
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ async def scraped(make_server: Any) -> dict[str, Any]:
 
 def readme_metrics() -> dict[str, tuple[str, set[str]]]:
     """The Observability table: exposed name -> (type, label names)."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Observability") :]
+    text = (ROOT / "docs" / "observability.md").read_text()
+    section = text[text.index("# Observability") :]
     rows = re.findall(r"^\| `(extproc_[a-z_]+)` \| (\w+) \| ?(.*?) ?\|$", section, re.MULTILINE)
     table = {}
     for name, kind, labels in rows:
@@ -88,7 +88,7 @@ def exposed_name(family: Metric) -> str:
     return family.name + ("_total" if family.type == "counter" else "")
 
 
-def test_the_readme_lists_every_metric_with_its_labels(scraped) -> None:
+def test_the_docs_list_every_metric_with_its_labels(scraped) -> None:
     documented = readme_metrics()
     families = {exposed_name(f): f for f in scraped["families"]}
     assert set(documented) == set(families)

@@ -17,7 +17,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 
 from extproc.app import Server
-from extproc.exchange import Exchange
+from extproc.envoy.exchange import Exchange
 from extproc.users.store import User
 from strategies.vtc_basic import VtcBasic
 from tests import envoy_protocol as ep
@@ -52,7 +52,7 @@ async def run(
     """One request through an exchange; stops at the first immediate response."""
     if user is not None:
         headers["user"] = user
-    exchange = Exchange(server.gateway)
+    exchange = server.new_exchange()
     answers = list(await send(exchange, ep.request_headers(headers=headers)))
     if answers[0].HasField("immediate_response"):
         exchange.close()
@@ -137,7 +137,7 @@ async def test_a_stream_cut_short_is_charged_for_what_was_seen(
 ) -> None:
     server = await make_server()
     await server.users.create(User("s", tpm=4))
-    exchange = Exchange(server.gateway)
+    exchange = server.new_exchange()
     await send(exchange, ep.request_headers(headers={"user": "s"}))
     await send(exchange, ep.request_body(STREAM))
     (headers_answer,) = await send(exchange, ep.response_headers(200))
@@ -188,7 +188,7 @@ async def test_vtc_basic_counts_what_users_consume(make_server: Callable[..., An
     assert answers[2].HasField("mode_override")  # vtc-basic needs the response's usage
     _, answers = await run(server, "light", answer=b'{"usage": {"prompt_tokens": 1}}')
     assert not answers[2].HasField("mode_override")  # no plan needing it, no TPM: not read
-    vtc = server.router.strategies["vtc-basic"]
+    vtc = server.plans.strategies["vtc-basic"]
     assert isinstance(vtc, VtcBasic)
     now = time.monotonic()
     assert vtc.share("heavy", now) == 0.5  # the only user with usage: nobody to compare with

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from extproc.openai_request import Endpoint, InferenceRequest
+from extproc.devstack.processes import free_port
 from extproc.prefix.tokenizers import RemoteTokenizer
-from tools.processes import free_port
-from tools.vllm_sim import PodSpec, SimParams, SimulatorFleet
+from extproc.routing.openai_request import Endpoint, InferenceRequest
+from extproc.vllm_sim import PodSpec, SimParams, SimulatorFleet
 
 
 @pytest.fixture

@@ -142,10 +142,10 @@ def test_tls_settings_are_checked_at_start_up(pki, tmp_path) -> None:
     base = {"config": str(pods)}
     cert, key = str(pki["server"].cert), str(pki["server"].key)
     cases = [
-        ({"tls_cert": cert}, "tls_key"),
-        ({"tls_key": key}, "tls_cert"),
-        ({"tls_client_ca": str(pki["ca"].cert)}, "tls_client_ca"),
-        ({"tls_cert": cert, "tls_key": str(tmp_path / "missing.key")}, "tls_key"),
+        ({"tls_cert": cert}, "server.tls_key"),
+        ({"tls_key": key}, "server.tls_cert"),
+        ({"tls_client_ca": str(pki["ca"].cert)}, "--tls-client-ca"),
+        ({"tls_cert": cert, "tls_key": str(tmp_path / "missing.key")}, "--tls-key"),
     ]
     for flags, key_name in cases:
         with pytest.raises(ConfigError) as failure:

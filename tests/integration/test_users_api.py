@@ -11,10 +11,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from extproc import config
+from extproc.devstack.processes import free_port
 from extproc.telemetry import Telemetry
 from extproc.users.api import UsersApi, exposure_warning
 from extproc.users.store import MemoryUserStore, RedisUserStore, UserStore
-from tools.processes import free_port
 
 Client = Callable[..., Any]
 
@@ -26,7 +26,7 @@ async def api() -> AsyncIterator[Callable[..., Any]]:
 
     async def start(store: UserStore | None = None, **settings: Any) -> TestClient[Any, Any]:
         values = {"host": "127.0.0.1", **settings}
-        users_api = UsersApi(config.load(values, {}), store or MemoryUserStore(), Telemetry())
+        users_api = UsersApi(config.load(values, {}).users, store or MemoryUserStore(), Telemetry())
         client = TestClient(TestServer(users_api.app(), host="127.0.0.1", port=free_port()))
         await client.start_server()
         clients.append(client)
@@ -143,13 +143,14 @@ async def test_the_admin_token_is_required_when_set(api: Callable[..., Any]) -> 
 
 
 def test_an_open_api_off_loopback_warns() -> None:
-    exposed = config.load({"host": "0.0.0.0"}, {})
+    exposed = config.load({"users_host": "0.0.0.0"}, {}).users
     warning = exposure_warning(exposed)
     assert warning is not None and "USERS API IS OPEN" in warning
-    assert exposure_warning(config.load({"host": "127.0.0.1"}, {})) is None
-    assert exposure_warning(config.load({"host": "::1"}, {})) is None
-    guarded = config.load({"host": "0.0.0.0", "users_admin_token": "t"}, {})
-    assert exposure_warning(guarded) is None
+    # without a token the API binds loopback unless told otherwise
+    assert exposure_warning(config.load({"host": "0.0.0.0"}, {}).users) is None
+    assert exposure_warning(config.load({"users_host": "::1"}, {}).users) is None
+    guarded = config.load({"host": "0.0.0.0", "users_admin_token": "t"}, {}).users
+    assert guarded.host == "0.0.0.0" and exposure_warning(guarded) is None
 
 
 async def test_a_store_that_is_down_is_a_503(api: Callable[..., Any]) -> None:

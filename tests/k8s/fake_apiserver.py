@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from tools.processes import free_port
+from extproc.devstack.processes import free_port
 
 Obj = dict[str, Any]
 

@@ -10,11 +10,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from extproc.discovery.kubernetes import KubernetesDiscovery, pod_spec, slim_pod
+from extproc.fleet.registry import PodRegistry
 from extproc.kube.client import MODEL_ADAPTER, POD, Kube, load_api_client
 from extproc.kube.informer import Backoff, Informer
 from extproc.kube.metrics import KubeMetrics
 from extproc.kube.model_labels import SELECTOR, MisplacedKeyReport
-from extproc.pods import PodRegistry
 from extproc.telemetry import Telemetry
 from tests.k8s import objects
 from tests.k8s.fake_apiserver import FakeApiServer

@@ -27,9 +27,9 @@ from google.protobuf import json_format
 
 from extproc import cli, config
 from extproc.config import Settings
+from extproc.devstack.processes import bin_path
+from extproc.envoy_config import GatewayLayout, bootstrap
 from tests.k8s import schemas
-from tools.envoy_bootstrap import GatewayLayout, bootstrap
-from tools.processes import bin_path
 
 MANIFESTS = schemas.REPO / "manifests"
 BUILDS = [MANIFESTS, MANIFESTS / "overlays" / "single-namespace"]

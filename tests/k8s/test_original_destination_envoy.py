@@ -20,9 +20,9 @@ import pytest
 import yaml
 from aiohttp import web
 
+from extproc.devstack.processes import Managed, bin_path, free_port
+from extproc.envoy_config import GatewayLayout, bootstrap
 from tests.k8s.schemas import REPO
-from tools.envoy_bootstrap import GatewayLayout, bootstrap
-from tools.processes import Managed, bin_path, free_port
 
 PATCH = REPO / "manifests" / "base" / "patch-policy.yaml"
 EXTENSION = REPO / "manifests" / "base" / "extension-policy.yaml"

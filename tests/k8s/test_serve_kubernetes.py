@@ -19,11 +19,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc import config
 from extproc.app import Server
 from extproc.config import ConfigError
+from extproc.devstack.processes import free_port
 from tests import envoy_protocol as ep
 from tests.k8s import objects
 from tests.k8s.fake_apiserver import FakeApiServer
 from tests.k8s.helpers import eventually
-from tools.processes import free_port
 
 CHAT = orjson.dumps({"model": "llama", "messages": [{"role": "user", "content": "hello"}]})
 
@@ -121,7 +121,7 @@ def test_bad_kubernetes_settings_stop_start_up(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing-kubeconfig")
     with pytest.raises(ConfigError, match=r"invalid setting kubeconfig: .* not a readable file"):
         Server(config.load({"discovery": "kubernetes", "kubeconfig": missing}, {}))
-    with pytest.raises(ConfigError, match="watch_namespaces"):
+    with pytest.raises(ConfigError, match="--watch-namespaces"):
         config.load({"watch_namespaces": "default,Team_A"}, {})
     with pytest.raises(ConfigError, match="EXTPROC_ROUTE_TIMEOUT"):
         config.load({}, {"EXTPROC_ROUTE_TIMEOUT": "soon"})

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from extproc.errors import GatewayError
-from extproc.openai_request import Endpoint, parse
+from extproc.routing.openai_request import Endpoint, parse
 
 
 def body(**fields: object) -> bytes:
@@ -35,7 +35,7 @@ def test_chat_messages_with_roles_and_content_parts() -> None:
     assert request.stream and request.include_usage
     assert request.max_tokens == 7
     assert request.messages == [("system", "be brief"), ("user", "hi"), ("assistant", "")]
-    assert request.prompt_length > 0
+    assert request.prompt_chars > 0 and request.prompt_tokens == -(-request.prompt_chars // 4)
 
 
 @pytest.mark.parametrize(

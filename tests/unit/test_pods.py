@@ -1,10 +1,10 @@
-"""The registry keeps views stable across updates and candidate lists ready per model."""
+"""The registry: candidate lists ready per model, entries replaced on change, addresses checked."""
 
 from __future__ import annotations
 
 import pytest
 
-from extproc.pods import PodRegistry, PodSpec, check_address
+from extproc.fleet.registry import PodRegistry, PodSpec, check_address
 
 
 def spec(name: str, model: str = "m", ready: bool = True, **extra: object) -> PodSpec:
@@ -29,14 +29,16 @@ def test_candidates_are_ready_pods_of_the_model_or_adapter() -> None:
     assert models == {"m": None, "other": None, "sql-lora": "m"}
 
 
-def test_views_survive_updates_so_in_flight_counts_are_kept() -> None:
+def test_an_update_replaces_the_entry_so_a_stale_reader_can_tell() -> None:
     registry = PodRegistry()
     registry.replace_all([spec("a1")])
-    view = registry.candidates("m")[0]
-    view.in_flight = 3
+    before = registry.candidates("m")[0]
+    registry.replace_all([spec("a1")])
+    assert registry.candidates("m")[0] is before  # nothing changed: the same entry
     registry.replace_all([spec("a1", adapters=frozenset({"x"}))])
-    assert registry.candidates("m")[0] is view
-    assert view.in_flight == 3 and view.adapters == {"x"}
+    after = registry.candidates("m")[0]
+    assert after is not before and after.spec.adapters == {"x"}
+    assert after.ready_since == before.ready_since  # still the same process, still ready
 
 
 def test_removal_notifies_listeners_and_version_moves() -> None:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from extproc.openai_request import Endpoint, InferenceRequest
 from extproc.prefix.hashing import block_hashes, model_seed
 from extproc.prefix.index import PrefixIndex
 from extproc.prefix.tokenizers import CharacterTokenizer, HfTokenizer, message_text, prompt_text
-from strategies.base import PodMetrics, PodView, RequestView
+from extproc.routing.openai_request import Endpoint, InferenceRequest
+from strategies.context import PodMetrics, PodSnapshot, Score
 from strategies.prefix_cache import PrefixCache
 from strategies.prefix_cache_and_load import PrefixCacheAndLoad
+from tests.helpers import context, fleet, prefix, snapshot
 
 # -- hashing -----------------------------------------------------------------------------------
 
@@ -52,8 +53,14 @@ class Clock:
         return self.now
 
 
-def pods(*names: str) -> list[PodView]:
-    return [PodView(name=n, address=f"10.0.0.{i}:80", model="m") for i, n in enumerate(names)]
+def pods(*names: str) -> list[str]:
+    return list(names)
+
+
+def matches(index: PrefixIndex, hashes: list[int], names: list[str]) -> dict[str, int]:
+    """The pods holding the prompt's first block, with how many leading blocks they hold."""
+    matched, _ = index.lookup(hashes, names)
+    return {name: depth for name, depth in zip(names, matched, strict=True) if depth}
 
 
 def test_lookup_returns_leading_match_lengths() -> None:
@@ -62,11 +69,11 @@ def test_lookup_returns_leading_match_lengths() -> None:
     index.record(hashes[:8], "a")
     index.record(hashes[:3], "b")
     index.record(hashes, "c")
-    assert index.lookup(hashes, pods("a", "b", "c", "d")) == {"a": 8, "b": 3, "c": 10}
+    assert matches(index, hashes, pods("a", "b", "c", "d")) == {"a": 8, "b": 3, "c": 10}
     # Only candidates count.
-    assert index.lookup(hashes, pods("b", "d")) == {"b": 3}
+    assert matches(index, hashes, pods("b", "d")) == {"b": 3}
     # A gap ends the match: the prefix must be contiguous from block 0.
-    assert index.lookup([99, *hashes], pods("a", "c")) == {}
+    assert matches(index, [99, *hashes], pods("a", "c")) == {}
 
 
 def test_lru_capacity_evicts_least_recently_used() -> None:
@@ -78,8 +85,8 @@ def test_lru_capacity_evicts_least_recently_used() -> None:
     index.record([1, 2], "a")
     index.record([5, 6], "c")
     assert len(index) == 4
-    assert index.lookup([3, 4], pods("b")) == {}
-    assert index.lookup([1, 2], pods("a")) == {"a": 2}
+    assert matches(index, [3, 4], pods("b")) == {}
+    assert matches(index, [1, 2], pods("a")) == {"a": 2}
 
 
 def test_ttl_expires_entries() -> None:
@@ -87,9 +94,9 @@ def test_ttl_expires_entries() -> None:
     index = PrefixIndex(capacity=100, ttl=10, clock=clock)
     index.record([1, 2, 3], "a")
     clock.now += 5
-    assert index.lookup([1, 2, 3], pods("a")) == {"a": 3}
+    assert matches(index, [1, 2, 3], pods("a")) == {"a": 3}
     clock.now += 20
-    assert index.lookup([1, 2, 3], pods("a")) == {}
+    assert matches(index, [1, 2, 3], pods("a")) == {}
     index.record([7], "b")  # a write purges what expired
     assert len(index) == 1
 
@@ -99,11 +106,11 @@ def test_removed_pod_is_forgotten_and_its_bit_not_inherited() -> None:
     index = PrefixIndex(capacity=100, ttl=10, clock=clock)
     index.record([1, 2, 3], "a")
     index.forget_pod("a")
-    assert index.lookup([1, 2, 3], pods("a")) == {}
+    assert matches(index, [1, 2, 3], pods("a")) == {}
     index.record([9], "b")  # a new pod must not reuse a's bit while a's entries may live
-    assert index.lookup([1, 2, 3], pods("b")) == {}
+    assert matches(index, [1, 2, 3], pods("b")) == {}
     index.record([1], "a")  # a pod coming back with the same name starts empty
-    assert index.lookup([1, 2, 3], pods("a")) == {"a": 1}
+    assert matches(index, [1, 2, 3], pods("a")) == {"a": 1}
     assert index.blocks_by_pod() == {"b": 1, "a": 1}
 
 
@@ -166,68 +173,70 @@ async def test_hf_tokenizer_from_a_local_file(tmp_path: Path) -> None:
 # -- strategies --------------------------------------------------------------------------------
 
 
-def view(matches: dict[str, int], blocks: int = 40) -> RequestView:
-    return RequestView(
-        request_id="r", model="m", now=10.0, prefix_blocks=blocks, prefix_matches=matches
+def scores(
+    strategy: PrefixCache | PrefixCacheAndLoad,
+    pods: list[PodSnapshot],
+    matched: dict[str, int],
+    blocks: int = 40,
+    held: dict[str, int] | None = None,
+) -> list[Score]:
+    found = prefix(
+        [matched.get(p.name, 0) for p in pods],
+        [(held or {}).get(p.name, 0) for p in pods],
+        blocks=blocks,
     )
+    return list(strategy.score(context(pods, prefix=found)))
 
 
-def fleet(*loads: int) -> list[PodView]:
-    return [
-        PodView(name=f"p{i}", address=f"10.0.0.{i}:80", model="m", in_flight=load)
-        for i, load in enumerate(loads)
-    ]
-
-
-def best(scores: list[float] | tuple[float, ...] | object, pods: list[PodView]) -> str:
-    values = list(scores)  # type: ignore[call-overload]
-    return pods[values.index(max(values))].name
+def best(values: list[Score], pods: list[PodSnapshot]) -> str:
+    return pods[values.index(max(values))].name  # type: ignore[type-var]
 
 
 def test_prefix_cache_longest_match_wins_and_ties_go_to_least_load() -> None:
     pods = fleet(3, 1, 2)
     strategy = PrefixCache()
-    assert best(strategy.score(view({"p0": 30, "p2": 10}), pods), pods) == "p0"
-    assert best(strategy.score(view({"p0": 30, "p2": 30}), pods), pods) == "p2"
+    assert best(scores(strategy, pods, {"p0": 30, "p2": 10}), pods) == "p0"
+    assert best(scores(strategy, pods, {"p0": 30, "p2": 30}), pods) == "p2"
 
 
 def test_prefix_cache_imbalance_and_misses_go_to_least_load() -> None:
     strategy = PrefixCache(imbalance_abs=4)
     imbalanced = fleet(10, 1, 5)
-    assert best(strategy.score(view({"p0": 40}), imbalanced), imbalanced) == "p1"
+    assert best(scores(strategy, imbalanced, {"p0": 40}), imbalanced) == "p1"
     balanced = fleet(3, 1, 2)
-    assert best(strategy.score(view({}), balanced), balanced) == "p1"
+    assert best(scores(strategy, balanced, {}), balanced) == "p1"
     # a one-block match is a miss, not a reason to pile onto p0
-    assert best(strategy.score(view({"p0": 1}), balanced), balanced) == "p1"
+    assert best(scores(strategy, balanced, {"p0": 1}), balanced) == "p1"
 
 
 def test_prefix_cache_and_load_trades_match_against_load() -> None:
-    strategy = PrefixCacheAndLoad(kv_blocks=0)
+    strategy = PrefixCacheAndLoad(kv_tokens=0)
     pods = fleet(2, 2, 2)
-    assert best(strategy.score(view({"p1": 36}), pods), pods) == "p1"
+    assert best(scores(strategy, pods, {"p1": 36}), pods) == "p1"
     # the pod holding a hot prefix is queueing: an idle pod wins and will cache it too
     hot = fleet(30, 1, 2)
-    assert best(strategy.score(view({"p0": 40}), hot), hot) == "p1"
+    assert best(scores(strategy, hot, {"p0": 40}), hot) == "p1"
 
 
 def test_short_prompts_do_not_win_on_ratio() -> None:
-    strategy = PrefixCacheAndLoad(kv_blocks=0)
+    strategy = PrefixCacheAndLoad(kv_tokens=0)
     pods = fleet(1, 0)
-    # a 2-block prompt fully matched on p0 saves 2 blocks; p0's extra request costs 32
-    assert best(strategy.score(view({"p0": 2}, blocks=2), pods), pods) == "p1"
+    # a 2-block prompt fully matched on p0 saves 32 tokens; p0's extra request costs 512
+    assert best(scores(strategy, pods, {"p0": 2}, blocks=2), pods) == "p1"
     # the same ratio on a long prompt keeps the affinity
-    assert best(strategy.score(view({"p0": 40}, blocks=40), pods), pods) == "p0"
+    assert best(scores(strategy, pods, {"p0": 40}, blocks=40), pods) == "p0"
 
 
 def test_kv_term_needs_fresh_metrics_everywhere() -> None:
-    strategy = PrefixCacheAndLoad(load_blocks=0, kv_blocks=10)
-    pods = fleet(0, 0)
-    pods[0].metrics, pods[0].metrics_at = PodMetrics(kv_cache_usage=0.9), 10.0
-    pods[1].metrics, pods[1].metrics_at = PodMetrics(kv_cache_usage=0.1), 10.0
-    assert best(strategy.score(view({}), pods), pods) == "p1"
-    pods[1].metrics = None
-    scores = list(strategy.score(view({}), pods))
-    assert scores[0] == scores[1]
+    strategy = PrefixCacheAndLoad(load_tokens=0, kv_tokens=160)
+    pods = [
+        snapshot("p0", PodMetrics(kv_cache_usage=0.9)),
+        snapshot("p1", PodMetrics(kv_cache_usage=0.1)),
+    ]
+    assert best(scores(strategy, pods, {}), pods) == "p1"
+    pods[1] = snapshot("p1")
+    values = scores(strategy, pods, {})
+    assert values[0] == values[1]
 
 
 @pytest.mark.parametrize(
@@ -235,7 +244,7 @@ def test_kv_term_needs_fresh_metrics_everywhere() -> None:
     [
         (PrefixCache, {"imbalance_abs": -1}),
         (PrefixCache, {"min_match_blocks": 0}),
-        (PrefixCacheAndLoad, {"load_blocks": -1}),
+        (PrefixCacheAndLoad, {"load_tokens": -1}),
         (PrefixCacheAndLoad, {"min_match_blocks": 0}),
     ],
 )
@@ -256,9 +265,7 @@ def test_held_blocks_follow_writes_evictions_and_expiry() -> None:
     clock.now += 30
     index.record([9], "b")  # everything else expired and is purged on this write
     assert (index.held("a"), index.held("b")) == (0, 1)
-    candidates = pods("a", "b", "c")
-    index.lookup([9], candidates)
-    assert [p.cached_blocks for p in candidates] == [0, 1, 0]
+    assert index.lookup([9], ["a", "b", "c"])[1] == [0, 1, 0]
 
 
 def test_an_expired_entry_is_rewritten_from_scratch() -> None:
@@ -267,14 +274,14 @@ def test_an_expired_entry_is_rewritten_from_scratch() -> None:
     index.record([1], "a")
     clock.now += 20
     index.record([1], "b")  # a's claim expired: b alone holds block 1 now
-    assert index.lookup([1], pods("a", "b")) == {"b": 1}
+    assert matches(index, [1], pods("a", "b")) == {"b": 1}
     assert index.held("a") == 0
 
 
 def test_misses_go_to_the_pod_caching_least() -> None:
-    pods_ = fleet(1, 1, 1)
-    pods_[0].cached_blocks, pods_[1].cached_blocks, pods_[2].cached_blocks = 900, 40, 500
-    assert best(PrefixCache().score(view({}), pods_), pods_) == "p1"
-    assert best(PrefixCacheAndLoad().score(view({}), pods_), pods_) == "p1"
+    pods = fleet(1, 1, 1)
+    held = {"p0": 900, "p1": 40, "p2": 500}
+    assert best(scores(PrefixCache(), pods, {}, held=held), pods) == "p1"
+    assert best(scores(PrefixCacheAndLoad(), pods, {}, held=held), pods) == "p1"
     # a hit still beats room
-    assert best(PrefixCacheAndLoad().score(view({"p0": 40}), pods_), pods_) == "p0"
+    assert best(scores(PrefixCacheAndLoad(), pods, {"p0": 40}, held=held), pods) == "p0"

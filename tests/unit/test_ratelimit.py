@@ -22,7 +22,7 @@ from extproc.users.sliding_window import (
     retry_after_seconds,
 )
 from extproc.users.store import Decision, MemoryUserStore, User, Verdict
-from strategies.base import Usage
+from strategies.context import Usage
 
 
 class Clock:
@@ -196,7 +196,7 @@ class FlakyStore(MemoryUserStore):
 def limiter_for(store: FlakyStore, **settings: Any) -> tuple[RateLimiter, Telemetry]:
     telemetry = Telemetry()
     values = {"redis_timeout": "50ms", **settings}
-    return RateLimiter(config.load(values, {}), store, telemetry), telemetry
+    return RateLimiter(config.load(values, {}).users, store, telemetry, "user"), telemetry
 
 
 def sample(telemetry: Telemetry, name: str, **labels: str) -> float:
@@ -323,11 +323,11 @@ async def test_the_background_task_sends_charges_and_flushes_on_stop() -> None:
 @pytest.mark.parametrize(
     ("flags", "environ", "key"),
     [
-        ({"redis_url": "http://redis:6379"}, {}, "redis_url"),
-        ({"redis_timeout": "0"}, {}, "redis_timeout"),
-        ({"default_tpm": "-1"}, {}, "default_tpm"),
-        ({"users_admin_token": "two words"}, {}, "users_admin_token"),
-        ({"users_port": "70000"}, {}, "users_port"),
+        ({"redis_url": "http://redis:6379"}, {}, "--redis-url"),
+        ({"redis_timeout": "0"}, {}, "--redis-timeout"),
+        ({"default_tpm": "-1"}, {}, "--default-tpm"),
+        ({"users_admin_token": "two words"}, {}, "--users-admin-token"),
+        ({"users_port": "70000"}, {}, "--users-port"),
         ({}, {"EXTPROC_REDIS_FAILURE_POLICY": "fail-sometimes"}, "EXTPROC_REDIS_FAILURE_POLICY"),
     ],
 )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from extproc.discovery.static import PodFileError, StaticDiscovery, load_pods
-from extproc.pods import PodRegistry
+from extproc.fleet.registry import PodRegistry
 from extproc.telemetry import Telemetry
 
 GOOD = """

@@ -8,30 +8,22 @@ from collections import Counter
 import pytest
 
 from strategies import registry
-from strategies.base import PodMetrics, PodView, RequestView, Strategy, overrides
+from strategies.base import Strategy, overrides
+from strategies.context import PodMetrics, PodSnapshot, RoutingContext
 from strategies.least_request import LeastRequest
 from strategies.random_choice import RandomChoice
 from strategies.selection import PlanSyntaxError, best_index, combine, parse_weighted
-
-
-def pods(*loads: int) -> list[PodView]:
-    return [
-        PodView(name=f"p{i}", address=f"10.0.0.{i}:8000", model="m", in_flight=load)
-        for i, load in enumerate(loads)
-    ]
-
-
-def request(now: float = 100.0) -> RequestView:
-    return RequestView(request_id="r", model="m", now=now)
+from tests.helpers import context, snapshot
+from tests.helpers import fleet as pods
 
 
 def test_random_scores_are_in_range_and_spread() -> None:
-    strategy = RandomChoice(seed=1)
-    fleet = pods(0, 0, 0, 0)
+    strategy = RandomChoice()
+    ctx = context(pods(0, 0, 0, 0), seed=1)
     picks: Counter[int] = Counter()
     rng = random.Random(2)
     for _ in range(4000):
-        scores = strategy.score(request(), fleet)
+        scores = [float(s) for s in strategy.score(ctx)]  # type: ignore[arg-type]
         assert all(0.0 <= s <= 1.0 for s in scores)
         picks[best_index(scores, rng)] += 1
     assert set(picks) == {0, 1, 2, 3}
@@ -39,32 +31,26 @@ def test_random_scores_are_in_range_and_spread() -> None:
 
 
 def test_least_request_prefers_the_least_loaded() -> None:
-    scores = LeastRequest().score(request(), pods(5, 0, 3))
-    assert max(range(3), key=lambda i: scores[i]) == 1
-    assert all(0.0 <= s <= 1.0 for s in scores)
+    scores = LeastRequest().score(context(pods(5, 0, 3)))
+    assert max(range(3), key=lambda i: scores[i]) == 1  # type: ignore[arg-type,return-value]
+    assert all(isinstance(s, float) and 0.0 <= s <= 1.0 for s in scores)
 
 
 def test_least_request_uses_fresh_metrics_in_the_load_estimate() -> None:
-    fleet = pods(1, 1)
-    fleet[0].metrics = PodMetrics(running=10, waiting=5)
-    fleet[0].metrics_at = 99.5
-    fleet[0].sent_since_scrape = 1
-    assert fleet[0].load(100.0) == 16
-    scores = LeastRequest().score(request(), fleet)
-    assert scores[1] > scores[0]
+    busy = snapshot("a", PodMetrics(running=10, waiting=5), in_flight=1, sent=1)
+    assert busy.load == 16
+    scores = LeastRequest().score(context([busy, snapshot("b", in_flight=1)]))
+    assert scores[1] > scores[0]  # type: ignore[operator]
     # Stale metrics count as missing: the load falls back to the gateway's own in-flight count.
-    assert fleet[0].load(200.0) == 1
+    assert snapshot("a", PodMetrics(running=10, waiting=5), in_flight=1, stale=True).load == 1
 
 
 def test_load_never_below_in_flight() -> None:
-    pod = pods(7)[0]
-    pod.metrics = PodMetrics(running=1, waiting=0)
-    pod.metrics_at = 100.0
-    assert pod.load(100.0) == 7
+    assert snapshot("a", PodMetrics(running=1, waiting=0), in_flight=7).load == 7
 
 
 def test_idle_fleet_scores_equal() -> None:
-    scores = LeastRequest().score(request(), pods(0, 0, 0))
+    scores = LeastRequest().score(context(pods(0, 0, 0)))
     assert len(set(scores)) == 1
 
 
@@ -90,15 +76,46 @@ def test_ties_break_at_random() -> None:
 def test_registry_knows_both_and_hook_detection() -> None:
     assert {"random", "least-request"} <= set(registry.names())
     assert registry.FALLBACK == "least-request"
-    assert isinstance(registry.build("least-request", {"smoothing": 2}), LeastRequest)
+    built = registry.build("least-request", {"smoothing": 2})
+    assert isinstance(built, LeastRequest) and built.name == "least-request"
     with pytest.raises(registry.OptionError):
         registry.build("least-request", {"bogus": 1})
     assert not overrides(LeastRequest(), "on_routed")
 
     class Hooked(Strategy):
-        name = "hooked"
+        algorithm = "hooked"
 
-        def on_routed(self, request: RequestView, pod: PodView) -> None:
+        def on_routed(self, ctx: RoutingContext, pod: PodSnapshot) -> None:
             pass
 
     assert overrides(Hooked(), "on_routed")
+
+
+def test_named_instances_carry_their_own_options() -> None:
+    instances = registry.build_all(
+        {
+            "least-request": {"smoothing": 3},
+            "gentle": {"algorithm": "least-request", "smoothing": 50},
+        }
+    )
+    assert instances["least-request"].smoothing == 3  # type: ignore[attr-defined]
+    gentle = instances["gentle"]
+    assert isinstance(gentle, LeastRequest) and gentle.name == "gentle"
+    assert gentle.smoothing == 50
+    assert set(registry.names()) < set(instances)
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({"nope": {}}, "nope"),
+        ({"x": {"algorithm": "nope"}}, "x.algorithm"),
+        ({"least-request": {"algorithm": "random"}}, "least-request.algorithm"),
+        ({"Bad Name": {"algorithm": "random"}}, "Bad Name"),
+        ({"x": {"algorithm": "random", "seed": 1}}, "x.seed"),
+    ],
+)
+def test_bad_instances_name_their_key(config: dict[str, dict[str, object]], key: str) -> None:
+    with pytest.raises(registry.OptionError) as caught:
+        registry.build_all(config)
+    assert caught.value.key == key

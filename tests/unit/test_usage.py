@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from extproc.usage import TAIL_BYTES, WHOLE_BODY_LIMIT, UsageReader
+from extproc.routing.usage import TAIL_BYTES, WHOLE_BODY_LIMIT, UsageReader
 
 JSON_ANSWER = orjson.dumps(
     {
@@ -25,7 +25,7 @@ def test_json_answer_split_anywhere(size: int) -> None:
     reader = UsageReader(streaming=False)
     for chunk in chunks(JSON_ANSWER, size):
         reader.feed(chunk)
-    usage = reader.result(prompt_length=40)
+    usage = reader.result(prompt_tokens=10)
     assert usage is not None
     assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (12, 5, False)
 
@@ -72,7 +72,7 @@ def test_stream_without_usage_is_estimated() -> None:
     reader = UsageReader(streaming=True)
     for chunk in chunks(sse(STREAM_EVENTS), 10):
         reader.feed(chunk)
-    usage = reader.result(prompt_length=400)
+    usage = reader.result(prompt_tokens=100)
     assert usage is not None and usage.estimated
     assert usage.completion_tokens == 6
     assert usage.prompt_tokens == 100

@@ -7,45 +7,45 @@ from collections.abc import Sequence
 import pytest
 
 from strategies import registry
-from strategies.base import PodView, RequestView, Timings, Usage
+from strategies.context import USAGE, Finished, PodSnapshot, Usage
 from strategies.least_request import LeastRequest
 from strategies.vtc_basic import VtcBasic
+from tests.helpers import context, snapshot
 
 
-def pods(*loads: int, names: Sequence[str] = ("b", "c", "a")) -> list[PodView]:
+def pods(*loads: int, names: Sequence[str] = ("b", "c", "a")) -> list[PodSnapshot]:
     """Pods given out of name order (positions go by name: a=0, b=1/2, c=1)."""
-    return [
-        PodView(name=name, address=f"10.0.0.{i}:8000", model="m", in_flight=load)
-        for i, (name, load) in enumerate(zip(names, loads, strict=False))
-    ]
+    return [snapshot(name, in_flight=load) for name, load in zip(names, loads, strict=False)]
 
 
-def request(user: str | None, now: float = 100.0) -> RequestView:
-    return RequestView(request_id="r", model="m", user=user, now=now)
+def finished(user: str | None, usage: Usage | None, at: float = 100.0) -> Finished:
+    return Finished(1, "a", user, 0, usage, at, at)
 
 
 def charge(
     strategy: VtcBasic, user: str, prompt: int, completion: int = 0, at: float = 100.0
 ) -> None:
-    pod = PodView(name="a", address="10.0.0.9:8000", model="m")
-    strategy.on_finished(
-        request(user, at), pod, Usage(prompt, completion), Timings(routed_at=at, finished_at=at)
-    )
+    strategy.on_finished(finished(user, Usage(prompt, completion), at))
 
 
-def best(strategy: VtcBasic, user: str | None, candidates: list[PodView]) -> str:
-    scores = strategy.score(request(user), candidates)
-    assert all(0.0 <= s <= 1.0 for s in scores)
-    return candidates[max(range(len(scores)), key=scores.__getitem__)].name
+def scores(
+    strategy: VtcBasic | LeastRequest, user: str | None, candidates: list[PodSnapshot]
+) -> list[float]:
+    values = strategy.score(context(candidates, user=user, now=100.0))
+    assert all(isinstance(s, float) and 0.0 <= s <= 1.0 for s in values)
+    return [float(s) for s in values]  # type: ignore[arg-type]
+
+
+def best(strategy: VtcBasic, user: str | None, candidates: list[PodSnapshot]) -> str:
+    values = scores(strategy, user, candidates)
+    return candidates[max(range(len(values)), key=values.__getitem__)].name
 
 
 def test_without_a_user_it_is_least_request() -> None:
     strategy = VtcBasic()
     charge(strategy, "heavy", 100_000)
     candidates = pods(3, 0, 1)
-    assert list(strategy.score(request(None), candidates)) == list(
-        LeastRequest().score(request(None), candidates)
-    )
+    assert scores(strategy, None, candidates) == scores(LeastRequest(), None, candidates)
     assert best(strategy, None, candidates) == "c"
 
 
@@ -68,8 +68,8 @@ def test_users_like_the_others_are_routed_by_load_alone() -> None:
     charge(strategy, "u2", prompt=0, completion=5)  # completion counts double: also 10
     assert strategy.share("u1", 100.0) == pytest.approx(0.5)
     candidates = pods(2, 1, 3)
-    assert list(strategy.score(request("u1"), candidates)) == pytest.approx(
-        list(LeastRequest().score(request("u1"), candidates))
+    assert scores(strategy, "u1", candidates) == pytest.approx(
+        scores(LeastRequest(), "u1", candidates)
     )
 
 
@@ -104,11 +104,9 @@ def test_counters_leave_the_window() -> None:
 
 def test_requests_without_usage_or_user_are_not_counted() -> None:
     strategy = VtcBasic()
-    pod = PodView(name="a", address="10.0.0.9:8000", model="m")
-    timings = Timings(routed_at=100.0, finished_at=100.0)
-    strategy.on_finished(request("u"), pod, None, timings)
-    strategy.on_finished(request(None), pod, Usage(100, 100), timings)
-    strategy.on_finished(request("u"), pod, Usage(0, 0), timings)
+    strategy.on_finished(finished("u", None))
+    strategy.on_finished(finished(None, Usage(100, 100)))
+    strategy.on_finished(finished("u", Usage(0, 0)))
     assert strategy.share("u", 100.0) == 0.5
     assert strategy.share("v", 100.0) == 0.5
 
@@ -121,9 +119,29 @@ def test_the_least_recently_active_users_are_dropped_past_max_users() -> None:
     assert list(strategy._users) == ["mid", "new"]
 
 
+def test_a_user_dropped_past_max_users_takes_its_tokens_along() -> None:
+    # Two users like each other stay neutral after a third, far heavier, is dropped: its
+    # tokens must not linger in the total the others are compared with.
+    strategy = VtcBasic(max_users=2)
+    charge(strategy, "whale", 1_000_000)
+    charge(strategy, "u1", 10)
+    charge(strategy, "u2", 10)
+    assert list(strategy._users) == ["u1", "u2"]
+    assert strategy.share("u1", 100.0) == pytest.approx(0.5)
+
+
+def test_scoring_changes_nothing() -> None:
+    strategy = VtcBasic()
+    charge(strategy, "heavy", 100_000, at=100.0)
+    charge(strategy, "light", 10, at=100.0)
+    before = (list(strategy._users), strategy._all.total(1000))
+    strategy.score(context(pods(0, 0, 0), user="light", now=10_000.0))
+    assert (list(strategy._users), strategy._all.total(1000)) == before
+
+
 def test_options_are_validated_and_registered() -> None:
     assert registry.build("vtc-basic", {"fairness_requests": 2}).name == "vtc-basic"
-    assert registry.STRATEGIES["vtc-basic"].needs_usage
+    assert USAGE in registry.ALGORITHMS["vtc-basic"].consumes
     for options in ({"fairness_requests": -1}, {"window_seconds": 0}, {"max_users": 0}):
         with pytest.raises(registry.OptionError):
             registry.build("vtc-basic", options)

@@ -20,8 +20,8 @@ def _write(result: dict[str, Any], out: str | None) -> None:
 def _run(args: argparse.Namespace, argv: list[str] | None) -> None:
     import yaml
 
+    from extproc.devstack.stack import StackConfig
     from tools.bench import compare, workloads
-    from tools.devstack import StackConfig
 
     if args.workload == "shared-prefix":
         sessions = workloads.shared_prefix(
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     decision.add_argument("--strategies", default="prefix-cache-and-load,prefix-cache")
     decision.add_argument("--requests", type=int, default=2000)
     decision.add_argument("--groups", type=int, default=16, help="distinct shared prefixes")
+    decision.add_argument(
+        "--against", metavar="REF", help="also measure this git revision, side by side"
+    )
     decision.add_argument("--out", help="write the JSON result here")
 
     runner = commands.add_parser(
@@ -227,13 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     elif args.benchmark == "decision":
         from tools.bench import decision as decision_bench
 
-        result = decision_bench.run(
+        shape = (
             [int(p) for p in args.pods.split(",")],
             [int(c) for c in args.chars.split(",")],
             [s for s in args.strategies.split(",") if s],
             args.requests,
             args.groups,
         )
+        if args.against:
+            result = decision_bench.against(args.against, *shape)
+        else:
+            result = decision_bench.run(*shape)
         result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
         _write(result, args.out)
     elif args.benchmark == "run":

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from extproc.devstack.processes import Managed, free_port
+from extproc.devstack.stack import LocalStack, StackConfig
 from extproc.scraping.parser import parse
 from tools.bench.runner import Target, run
 from tools.bench.workloads import Session
-from tools.devstack import LocalStack, StackConfig
-from tools.processes import Managed, free_port
 
 MODEL = "bench"
 

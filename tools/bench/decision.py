@@ -1,40 +1,62 @@
 """Decision cost: what one request's routing costs inside the server, without any I/O.
 
-Tokenise (character), hash the prompt's blocks, look the prefix up in the index, score every
-candidate with the strategy, pick, and record the pick in the index: the same calls the
-exchange makes, timed over many requests on a warmed index.
+Through the routing pipeline itself: admit (no user), model check, candidates, tokenise
+(character) and hash the prompt, look the prefix up, snapshot the candidates, score, pick,
+claim, run the hooks and record the pick in the index. Body parsing and the release are left
+out, as they were in the measurement before the pipeline, so the two compare.
+
+``--against REF`` measures a git revision's own decision benchmark side by side in the same
+run (a temporary worktree, rounds alternating), and reports new/old ratios.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from extproc.openai_request import Endpoint, InferenceRequest
+from extproc.config import PrefixSettings, RoutingSettings, UsersSettings
+from extproc.fleet.registry import PodRegistry, PodSpec
 from extproc.prefix.index import PrefixIndex
+from extproc.prefix.producer import PrefixProducer
 from extproc.prefix.tokenizers import CharacterTokenizer
-from extproc.prefix.tracker import PrefixTracker
-from extproc.router import Router
+from extproc.routing.access_log import AccessLog
+from extproc.routing.accounting import Accounting
+from extproc.routing.openai_request import Endpoint, InferenceRequest
+from extproc.routing.pipeline import Outcome, Pipeline, RequestHead
+from extproc.routing.plans import Plans
+from extproc.scraping.readings import Reading, Readings
 from extproc.telemetry import Telemetry
-from strategies.base import MetricsWindow, PodMetrics, PodView, RequestView
+from extproc.users.ratelimit import RateLimiter
+from extproc.users.store import MemoryUserStore
+from strategies.context import MetricsWindow, PodMetrics
 from tools.bench.workloads import text
 
+REPO = Path(__file__).resolve().parents[2]
 
-def _fleet(pods: int, now: float) -> list[PodView]:
+
+def _pipeline(pods: int, now: float) -> tuple[Pipeline, PrefixProducer]:
+    telemetry = Telemetry()
+    registry = PodRegistry()
+    registry.replace_all(
+        PodSpec(name=f"pod-{i}", address=f"10.0.{i // 250}.{i % 250}:8000", model="m")
+        for i in range(pods)
+    )
+    readings = Readings(stale_after=60.0)
+    accounting = Accounting()
     rng = random.Random(1)
-    fleet = []
     for i in range(pods):
-        view = PodView(
-            name=f"pod-{i}",
-            address=f"10.0.{i // 250}.{i % 250}:8000",
-            model="m",
-            in_flight=rng.randint(0, 8),
-            stale_after=60.0,
-        )
-        view.metrics = PodMetrics(
+        name = f"pod-{i}"
+        for _ in range(rng.randint(0, 8)):
+            accounting.claim(name, None, 0)
+        metrics = PodMetrics(
             running=rng.randint(0, 16),
             waiting=rng.randint(0, 4),
             kv_cache_usage=rng.random(),
@@ -50,20 +72,30 @@ def _fleet(pods: int, now: float) -> list[PodView]:
                 e2e_seconds=2.0,
             ),
         )
-        view.metrics_at = now
-        fleet.append(view)
-    return fleet
+        readings.publish(name, Reading(metrics, now, now))
+    prefix = PrefixProducer(
+        PrefixSettings(), CharacterTokenizer(), PrefixIndex(1_000_000, 600), telemetry
+    )
+    pipeline = Pipeline(
+        RoutingSettings(),
+        registry=registry,
+        readings=readings,
+        accounting=accounting,
+        plans=Plans(RoutingSettings()),
+        producers=[prefix],
+        limiter=RateLimiter(UsersSettings(), MemoryUserStore(), telemetry, "user"),
+        telemetry=telemetry,
+        access_log=AccessLog(False),
+        seed=1,
+    )
+    return pipeline, prefix
 
 
 async def _measure(
     pods: int, chars: int, strategy: str, requests: int, groups: int
 ) -> dict[str, Any]:
-    telemetry = Telemetry()
-    router = Router(telemetry, seed=1)
-    plan = router.plan(strategy)
-    tracker = PrefixTracker(CharacterTokenizer(), PrefixIndex(1_000_000, 600), 64, 16, telemetry)
     now = time.monotonic()
-    fleet = _fleet(pods, now)
+    pipeline, prefix = _pipeline(pods, now)
     rng = random.Random(2)
     prefixes = [text(rng, chars) for _ in range(groups)]
     bodies = [
@@ -77,22 +109,20 @@ async def _measure(
         )
         for i in range(requests)
     ]
+    names = [f"pod-{i}" for i in range(pods)]
     for body in bodies[: groups * 4]:  # warm the index: every prefix cached somewhere
-        hashes = await tracker.hashes("m", body)
-        tracker.record(hashes, rng.choice(fleet), 0)
+        hashed = await prefix.prepare(body, dry_run=True)
+        prefix.index.record(hashed.hashes, rng.choice(names))
+    head = RequestHead("r", Endpoint.CHAT, None, strategy)
     samples = []
-    for i, body in enumerate(bodies):
+    done = Outcome("200")
+    for body in bodies:
         started = time.perf_counter()
-        view = RequestView(request_id=str(i), model="m", now=now, prompt_length=body.prompt_length)
-        if plan.needs_prefix:
-            hashes = await tracker.hashes("m", body)
-            view.prefix_blocks = len(hashes)
-            view.prefix_matches = tracker.lookup(hashes, fleet)
-        decision = router.decide(plan, view, fleet)
-        if plan.needs_prefix:
-            tracker.record(hashes, decision.pod, view.prefix_matches.get(decision.pod.name, 0))
-        router.routed(view, decision.pod)
+        ticket = pipeline.open(head)
+        await ticket.admit()
+        await ticket.route_request(body)
         samples.append(time.perf_counter() - started)
+        ticket.release(done)
     samples.sort()
     return {
         "pods": pods,
@@ -115,3 +145,78 @@ def run(
         for c in chars
     ]
     return {"benchmark": "decision", "results": results}
+
+
+def _subprocess_run(root: Path, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+    """The decision benchmark of the checkout at ``root``, in its own interpreter."""
+    code = (
+        "import json, sys; from tools.bench import decision; "
+        "a = json.loads(sys.argv[1]); "
+        "print(json.dumps(decision.run(a['pods'], a['chars'], a['strategies'], "
+        "a['requests'], a['groups'])))"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(arguments)],
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    results: list[dict[str, Any]] = json.loads(output.strip().splitlines()[-1])["results"]
+    return results
+
+
+def against(
+    ref: str,
+    pods: list[int],
+    chars: list[int],
+    strategies: list[str],
+    requests: int,
+    groups: int,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """This checkout against ``ref`` in one run: rounds alternate, the best round counts."""
+    arguments = {
+        "pods": pods,
+        "chars": chars,
+        "strategies": strategies,
+        "requests": requests,
+        "groups": groups,
+    }
+    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
+        old_root = Path(tmp) / "old"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(old_root), ref],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        try:
+            new: list[list[dict[str, Any]]] = []
+            old: list[list[dict[str, Any]]] = []
+            for _ in range(rounds):
+                old.append(_subprocess_run(old_root, arguments))
+                new.append(_subprocess_run(REPO, arguments))
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(old_root)],
+                cwd=REPO,
+                check=False,
+                capture_output=True,
+            )
+    results = []
+    for index, first in enumerate(new[0]):
+        best_new = min(r[index]["p50_us"] for r in new)
+        best_old = min(r[index]["p50_us"] for r in old)
+        results.append(
+            {
+                **{k: first[k] for k in ("pods", "prompt_chars", "strategy", "requests")},
+                "new_p50_us": best_new,
+                "old_p50_us": best_old,
+                "new_p99_us": min(r[index]["p99_us"] for r in new),
+                "old_p99_us": min(r[index]["p99_us"] for r in old),
+                "new_over_old_p50": round(best_new / best_old, 3),
+            }
+        )
+    return {"benchmark": "decision", "against": ref, "rounds": rounds, "results": results}

@@ -17,9 +17,9 @@ from aiohttp import web
 
 def vllm_like_page(model: str = "bench", extra_histograms: int = 10) -> bytes:
     """About 40 KB: what one vLLM engine's /metrics weighs with a dozen histograms."""
-    from tools.vllm_sim.config import SimParams
-    from tools.vllm_sim.engine import Engine
-    from tools.vllm_sim.metrics import render
+    from extproc.vllm_sim.config import SimParams
+    from extproc.vllm_sim.engine import Engine
+    from extproc.vllm_sim.metrics import render
 
     engine = Engine(SimParams())
     lines = [render(model, SimParams(), engine.snapshot(), engine.stats).rstrip("\n")]

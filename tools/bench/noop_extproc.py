@@ -14,7 +14,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
-from extproc import envoy_messages as msgs
+from extproc.envoy import messages as msgs
 
 
 class NoopProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]

@@ -20,11 +20,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from extproc.devstack.processes import Managed
+from extproc.devstack.stack import LocalStack, StackConfig
 from tools.bench.compare import start_sglang
 from tools.bench.loadgen import Run, Sample, closed_loop, percentile
 from tools.bench.proc import cpu_seconds
-from tools.devstack import LocalStack, StackConfig
-from tools.processes import Managed
 
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
 INSTANT_SIM = {"decode_time_base": 0.0, "decode_time_per_seq": 0.0, "prefill_time_per_token": 0.0}

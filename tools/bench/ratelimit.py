@@ -19,12 +19,12 @@ from typing import Any
 import aiohttp
 
 from extproc import config
+from extproc.devstack.stack import LocalStack, StackConfig
 from extproc.telemetry import Telemetry
 from extproc.users.ratelimit import RateLimiter
 from extproc.users.store import MemoryUserStore, RedisUserStore, User, UserStore
 from tools.bench.loadgen import closed_loop, percentile
 from tools.bench.overhead import INSTANT_SIM, Variant
-from tools.devstack import LocalStack, StackConfig
 from tools.redis_server import RedisServer
 
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
@@ -53,11 +53,11 @@ async def measure_checks(redis_url: str, checks: int, blocks: int) -> list[dict[
         "memory": MemoryUserStore(),
         "redis": RedisUserStore(redis_url, timeout=1.0),
     }
-    settings = config.load({"redis_timeout": "1s"}, {})
+    settings = config.load({"redis_timeout": "1s"}, {}).users
     limiters = {}
     for label, store in stores.items():
         await store.create(CHECK_USER)
-        limiters[label] = RateLimiter(settings, store, Telemetry())
+        limiters[label] = RateLimiter(settings, store, Telemetry(), "user")
     await _check_latencies(limiters, max(1, checks // 10), 1)
     samples = await _check_latencies(limiters, checks, blocks)
     for store in stores.values():

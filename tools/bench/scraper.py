@@ -14,10 +14,12 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from extproc.pods import PodRegistry, PodSpec
+from extproc.config import ScrapingSettings
+from extproc.devstack.processes import Managed
+from extproc.fleet.registry import PodRegistry, PodSpec
+from extproc.scraping.readings import Readings
 from extproc.scraping.scraper import Scraper
 from extproc.telemetry import Telemetry
-from tools.processes import Managed
 
 
 def _scrape_count(telemetry: Telemetry) -> float:
@@ -27,13 +29,14 @@ def _scrape_count(telemetry: Telemetry) -> float:
 
 async def _measure(ports: list[int], interval: float, seconds: float) -> dict[str, Any]:
     pods = len(ports)
-    registry = PodRegistry(stale_after=10 * interval)
+    registry = PodRegistry()
     telemetry = Telemetry()
     registry.replace_all(
         PodSpec(name=f"p{i}", address=f"127.0.0.1:{port}", model="bench")
         for i, port in enumerate(ports)
     )
-    scraper = Scraper(registry, telemetry, interval=interval, timeout=1.0, window=30.0)
+    settings = ScrapingSettings(interval=interval, timeout=1.0, stale_after=10 * interval)
+    scraper = Scraper(settings, registry, Readings(settings.stale_after), telemetry)
     await scraper.start()
     await asyncio.sleep(2.0)  # warm up: connections open, first pages parsed
     scrapes_before = _scrape_count(telemetry)

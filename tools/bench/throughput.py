@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from tools.envoy_bootstrap import GatewayLayout, bootstrap
-from tools.processes import Managed, bin_path, envoy_command, free_port
+from extproc.devstack.processes import Managed, bin_path, envoy_command, free_port
+from extproc.envoy_config import GatewayLayout, bootstrap
 
 BODY = '{"model": "m", "messages": [{"role": "user", "content": "Say this is a test!"}]}'
 P99_LIMIT_MS = 10.0

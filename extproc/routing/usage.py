@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import orjson
 
-from strategies.base import Usage
+from strategies.context import Usage
 
 WHOLE_BODY_LIMIT = 1024 * 1024
 """JSON answers up to this size are parsed whole; larger ones are searched in their tail."""
 TAIL_BYTES = 64 * 1024
-CHARS_PER_TOKEN = 4
-"""Rough prompt size estimate when no usage was reported (typical for BPE vocabularies)."""
 
 _USAGE_KEY = b'"usage"'
 _EVENT = b"data:"
@@ -48,7 +46,7 @@ class UsageReader:
                 self._chunks = []
             self._tail = (self._tail + chunk)[-TAIL_BYTES:]
 
-    def result(self, prompt_length: int) -> Usage | None:
+    def result(self, prompt_tokens: int) -> Usage | None:
         """The reported usage, else an estimate for a stream, else ``None`` (nothing seen)."""
         if self._size == 0:
             return None
@@ -65,7 +63,7 @@ class UsageReader:
         # the last is [DONE], so they do not count.
         completion = max(0, self._events - 2)
         return Usage(
-            prompt_tokens=prompt_length // CHARS_PER_TOKEN,
+            prompt_tokens=prompt_tokens,
             completion_tokens=completion,
             estimated=True,
         )

@@ -29,6 +29,9 @@ INFERENCE_PATHS: dict[str, Endpoint] = {
     "/v1/responses": Endpoint.RESPONSES,
 }
 MODELS_PATH = "/v1/models"
+CHARS_PER_TOKEN = 4
+"""Typical UTF-8 bytes per token of BPE vocabularies: the estimate when a prompt is not
+tokenised."""
 
 
 @dataclass(slots=True)
@@ -49,13 +52,19 @@ class InferenceRequest:
     token_ids: list[int] | None = None
 
     @property
-    def prompt_length(self) -> int:
-        """Prompt size in characters (or tokens for token-id prompts), cheap and approximate."""
+    def prompt_chars(self) -> int:
+        """Prompt size in characters (chat turns with their roles), cheap and approximate."""
         if self.messages is not None:
             return sum(len(role) + len(content) + 2 for role, content in self.messages)
-        if self.text is not None:
-            return len(self.text)
-        return len(self.token_ids or ())
+        return len(self.text or "")
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt size in tokens: exact for token ids, else ``prompt_chars / 4`` rounded up
+        (the pipeline replaces it with the tokenizer's count when it tokenises)."""
+        if self.token_ids is not None:
+            return len(self.token_ids)
+        return -(-self.prompt_chars // CHARS_PER_TOKEN)
 
 
 def parse(endpoint: Endpoint, body: bytes) -> InferenceRequest:

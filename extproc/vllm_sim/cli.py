@@ -1,4 +1,4 @@
-"""``python -m tools.vllm_sim``: serve a fleet of simulated vLLM pods until SIGINT/SIGTERM."""
+"""``python -m extproc.vllm_sim``: serve a fleet of simulated vLLM pods until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .fleet import SimulatorFleet
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.vllm_sim",
+        prog="python -m extproc.vllm_sim",
         description="Simulated vLLM pods (OpenAI API, vLLM metrics, prefix cache, batching).",
     )
     fleet = parser.add_argument_group("fleet")

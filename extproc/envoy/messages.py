@@ -153,4 +153,6 @@ def error(err: GatewayError, request_id: str) -> ProcessingResponse:
     extra = [header("x-request-id", request_id.encode())]
     if err.retry_after is not None:
         extra.append(header("retry-after", str(err.retry_after).encode()))
+    if err.allow is not None:
+        extra.append(header("allow", err.allow.encode()))
     return immediate(err.status, err.body(), extra, details=f"extproc_{err.code}")

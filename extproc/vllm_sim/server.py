@@ -85,6 +85,8 @@ class SimPod:
         self.requests_errored = 0
         self._rng = random.Random(f"{spec.params.seed}:{spec.name}")
         self._started_at = 0.0
+        self.metrics_requests = 0
+        """``/metrics`` requests received (tests check who still scrapes the pod)."""
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.app = self._build_app()
@@ -493,6 +495,7 @@ class SimPod:
         return web.Response(status=200)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        self.metrics_requests += 1
         p = self._params
         if p.metrics_hang:
             with contextlib.suppress(TimeoutError):

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from tools.envoy_bootstrap import GatewayLayout, bootstrap
-from tools.processes import Managed, bin_path, envoy_command, free_port
+from extproc.devstack.processes import Managed, bin_path, envoy_command, free_port
+from extproc.envoy_config import GatewayLayout, bootstrap
 
 
 @dataclass
@@ -191,7 +191,7 @@ class LocalStack:
         if self.pods:
             self.sim = self._spawn(
                 "simulator",
-                [sys.executable, "-m", "tools.vllm_sim", "--config", str(sim_file)],
+                [sys.executable, "-m", "extproc.vllm_sim", "--config", str(sim_file)],
                 logs / "simulator.log",
             )
             for pod in self.pods:

@@ -3,41 +3,51 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
-from extproc.exchange import Exchange
-from extproc.gateway import Gateway
+from extproc.envoy.exchange import Exchange, ProtocolViolation
+from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+PROTOCOL_ERROR = "protocol_error"
+"""The status a stream ended for a message out of order is counted and logged under."""
+
+Context = Any
+"""``grpc.aio.ServicerContext`` (grpc ships no type information)."""
+
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """Feeds each stream's messages to an ``Exchange`` and guarantees it is closed.
+    """Feeds each stream's messages to a new exchange and guarantees it is closed.
 
     The ``finally`` runs on every ending: Envoy half-closing the stream after the response, the
     client cancelling (Envoy resets the stream), an upstream reset, server shutdown cancelling
-    the task, or an unexpected exception here.
+    the task, a message out of order, or an unexpected exception here.
     """
 
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
+    def __init__(self, new_exchange: Callable[[], Exchange], telemetry: Telemetry) -> None:
+        self._new_exchange = new_exchange
+        self._telemetry = telemetry
 
     async def Process(
-        self,
-        request_iterator: AsyncIterator[ProcessingRequest],
-        context: grpc.aio.ServicerContext[ProcessingRequest, ProcessingResponse],
+        self, request_iterator: AsyncIterator[ProcessingRequest], context: Context
     ) -> AsyncIterator[ProcessingResponse]:
-        telemetry = self._gateway.telemetry
-        exchange = Exchange(self._gateway)
+        telemetry = self._telemetry
+        exchange = self._new_exchange()
         telemetry.streams.inc()
+        violation: str | None = None
         try:
             async for message in request_iterator:
                 try:
                     responses = await exchange.handle(message)
+                except ProtocolViolation as exc:
+                    violation = str(exc)
+                    break
                 except Exception:
                     telemetry.internal_errors.inc()
                     log.exception(
@@ -52,4 +62,10 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
                     yield response
         finally:
             telemetry.streams.dec()
-            exchange.close()
+            exchange.close(None if violation is None else PROTOCOL_ERROR)
+        if violation is not None:
+            telemetry.protocol_errors.inc()
+            log.warning(
+                "ext_proc stream ended: %s", violation, extra={"request_id": exchange.request_id}
+            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, violation)

@@ -1,7 +1,9 @@
-"""The fleet as the server knows it: pods by name, and ready candidates by model.
+"""The fleet as discovery reports it: pods by name, and ready candidates by model.
 
-Discovery providers push specs in; the exchange asks for candidates per request. Candidate lists
-are rebuilt only when the fleet changes, so the hot path reads a ready-made tuple.
+Discovery providers are the only writers. The routing pipeline asks for candidates per request;
+candidate tuples are rebuilt only when the fleet changes, so the hot path reads a ready-made
+tuple. What the server measures about a pod (its metrics, its in-flight requests, what it
+caches) lives with the component that measures it, keyed by the pod's name.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-
-from strategies.base import PodView
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ class PodSpec:
     @property
     def effective_metrics_url(self) -> str:
         return self.metrics_url or f"http://{self.address}/metrics"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.address}"
 
 
 def check_address(address: str) -> str:
@@ -57,15 +61,22 @@ class ModelInfo:
     parent: str | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Pod:
-    """A registry entry: the spec discovery gave, and the view strategies read."""
+    """A registry entry. Replaced (a new object) whenever its spec changes, so a reader that
+    took it before an ``await`` can tell it moved (``registry.get(name) is not pod``)."""
 
     spec: PodSpec
-    view: PodView
-    became_ready_at: float | None = None
-    first_metrics_at: float | None = None
-    """When the scraper first published metrics for this pod (cold start ends)."""
+    ready_since: float | None = None
+    """When it last became ready (monotonic); ``None`` while not ready."""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
 
 
 Listener = Callable[[], None]
@@ -76,15 +87,15 @@ RemovalListener = Callable[[str], None]
 class PodRegistry:
     """Pods keyed by name; per-model ready candidates kept ready-made for the hot path."""
 
-    stale_after: float = 2.0
     loaded: bool = False
     """True once discovery has delivered its first complete pod set."""
+    version: int = 0
+    """Bumped on every change, so readers can cache what they derive from the fleet."""
     _pods: dict[str, Pod] = field(default_factory=dict)
-    _candidates: dict[str, tuple[PodView, ...]] = field(default_factory=dict)
+    _candidates: dict[str, tuple[Pod, ...]] = field(default_factory=dict)
     _models: dict[str, ModelInfo] = field(default_factory=dict)
     _change_listeners: list[Listener] = field(default_factory=list)
     _removal_listeners: list[RemovalListener] = field(default_factory=list)
-    version: int = 0
 
     # -- subscriptions -------------------------------------------------------------------------
 
@@ -101,7 +112,7 @@ class PodRegistry:
         wanted = {spec.name: spec for spec in specs}
         removed = [name for name in self._pods if name not in wanted]
         for name in removed:
-            self._remove(name)
+            del self._pods[name]
         for spec in wanted.values():
             self._upsert(spec)
         self.loaded = True
@@ -110,66 +121,47 @@ class PodRegistry:
             self._notify_removed(name)
 
     def upsert(self, spec: PodSpec) -> None:
-        self._upsert(spec)
-        self._changed()
+        if self._upsert(spec):
+            self._changed()
 
     def remove(self, name: str) -> None:
         if name in self._pods:
-            self._remove(name)
+            del self._pods[name]
             self._changed()
             self._notify_removed(name)
 
     def mark_loaded(self) -> None:
         self.loaded = True
 
-    def _upsert(self, spec: PodSpec) -> None:
-        now = time.monotonic()
+    def _upsert(self, spec: PodSpec) -> bool:
         current = self._pods.get(spec.name)
-        if current is None:
-            view = PodView(
-                name=spec.name,
-                address=spec.address,
-                model=spec.model,
-                adapters=spec.adapters,
-                ready=spec.ready,
-                ready_since=now if spec.ready else 0.0,
-                stale_after=self.stale_after,
-            )
-            self._pods[spec.name] = Pod(spec, view, now if spec.ready else None)
-            return
-        if current.spec == spec:
-            return
-        view = current.view
-        if spec.address != view.address:
-            # A new address is a new process: its old metrics and counters say nothing about it.
-            view.metrics = None
-            view.sent_since_scrape = 0
-            current.first_metrics_at = None
-            current.became_ready_at = now if spec.ready else None
-        view.address, view.model, view.adapters = spec.address, spec.model, spec.adapters
-        if spec.ready and not view.ready:
-            view.ready_since = now
-            current.became_ready_at = now
-        view.ready = spec.ready
-        current.spec = spec
-
-    def _remove(self, name: str) -> None:
-        del self._pods[name]
+        if current is not None and current.spec == spec:
+            return False
+        now = time.monotonic()
+        if current is None or spec.address != current.spec.address:
+            # A new address is a new process: it became ready now, if it is ready.
+            ready_since = now if spec.ready else None
+        elif spec.ready:
+            ready_since = current.ready_since if current.ready_since is not None else now
+        else:
+            ready_since = None
+        self._pods[spec.name] = Pod(spec, ready_since)
+        return True
 
     def _changed(self) -> None:
-        candidates: dict[str, list[PodView]] = {}
+        candidates: dict[str, list[Pod]] = {}
         models: dict[str, ModelInfo] = {}
         for pod in self._pods.values():
-            view = pod.view
-            models.setdefault(view.model, ModelInfo(view.model))
-            for adapter in view.adapters:
-                models.setdefault(adapter, ModelInfo(adapter, parent=view.model))
-            if not view.ready:
+            spec = pod.spec
+            models.setdefault(spec.model, ModelInfo(spec.model))
+            for adapter in spec.adapters:
+                models.setdefault(adapter, ModelInfo(adapter, parent=spec.model))
+            if not spec.ready:
                 continue
-            candidates.setdefault(view.model, []).append(view)
-            for adapter in view.adapters:
-                candidates.setdefault(adapter, []).append(view)
-        self._candidates = {model: tuple(views) for model, views in candidates.items()}
+            candidates.setdefault(spec.model, []).append(pod)
+            for adapter in spec.adapters:
+                candidates.setdefault(adapter, []).append(pod)
+        self._candidates = {model: tuple(pods) for model, pods in candidates.items()}
         self._models = dict(sorted(models.items()))
         self.version += 1
         for listener in self._change_listeners:
@@ -184,7 +176,7 @@ class PodRegistry:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def candidates(self, model: str) -> Sequence[PodView]:
+    def candidates(self, model: str) -> tuple[Pod, ...]:
         """Ready pods serving ``model`` (a base model or a LoRA adapter); empty when none."""
         return self._candidates.get(model, ())
 

@@ -1,0 +1,473 @@
+"""Every setting of ``extproc serve``, grouped by the component that reads it.
+
+Each component receives only its own section (``settings.scraping`` for the scraper,
+``settings.users`` for the rate limiter and users API, ...). In the YAML file a section is a
+mapping under its name; on the command line and in the environment every setting has a flat
+name (``--scrape-interval``, ``EXTPROC_SCRAPE_INTERVAL``). Durations are seconds (``100ms``,
+``2s`` and ``1m`` are accepted); sizes are bytes (``4Mi`` is accepted).
+
+Checks that concern one section live in that section; a failing check raises ``ConfigError``
+with the field's name, which the loader turns into the name the user wrote (flag, environment
+variable or YAML key).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from extproc.config.knobs import ConfigError, knob
+from strategies import registry
+from strategies.selection import PlanSyntaxError, parse_weighted
+
+Mode = Literal["aibrix", "epp"]
+
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _positive(section: object, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise ConfigError(name, f"must be > 0, got {value}")
+
+
+def _port(section: object, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not 0 < value < 65536:
+            raise ConfigError(name, f"must be a TCP port (1-65535), got {value}")
+
+
+def _host(name: str, host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(name, f"must be an IP address or localhost, got {host!r}") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The gRPC and HTTP listeners and how the server talks to Envoy."""
+
+    host: str = knob("0.0.0.0", "address the gRPC and metrics servers bind to", name="host")
+    port: int = knob(
+        50052, "gRPC port: ExternalProcessor, health, reflection, debug API", name="port"
+    )
+    http_port: int = knob(8080, "HTTP port: /metrics, /healthz, /readyz", name="http_port")
+    tls_cert: Path | None = knob(
+        None,
+        "PEM certificate chain for TLS on the gRPC port (with tls_key); unset serves plaintext; "
+        "re-read when the file changes",
+        name="tls_cert",
+    )
+    tls_key: Path | None = knob(
+        None, "PEM private key of tls_cert; re-read when it changes", name="tls_key"
+    )
+    tls_client_ca: Path | None = knob(
+        None,
+        "PEM CA bundle: when set (with tls_cert), clients must present a certificate it signed "
+        "(mTLS); re-read when it changes",
+        name="tls_client_ca",
+    )
+    max_body_bytes: int = knob(
+        4 * 1024 * 1024,
+        "largest request body accepted (413 above); keep Envoy's buffer limit a little higher",
+        name="max_body_bytes",
+    )
+    response_phase: Literal["always", "when-needed", "never"] = knob(
+        "always",
+        "always: every routed response passes the server; when-needed: the server asks Envoy "
+        "(mode override) to skip the response of requests needing no token usage, one round "
+        "trip less; never: Envoy is set to skip it (the one-round-trip full-duplex setup) and "
+        "token usage is estimated. Without the response phase Envoy copies the routing headers "
+        "onto the response itself (docs/envoy.md)",
+        name="response_phase",
+    )
+    destination_endpoint_header: bool = knob(
+        False,
+        "also set x-gateway-destination-endpoint (Gateway API Inference Extension convention); "
+        "always on in epp mode",
+        name="destination_endpoint_header",
+    )
+    drain_seconds: float = knob(
+        5.0,
+        "on SIGTERM, how long open streams may finish before they are cut and the process exits",
+        name="drain_seconds",
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = knob(
+        "auto",
+        "asyncio event loop; auto means uvloop when installed (faster scraping)",
+        name="event_loop",
+    )
+
+    def __post_init__(self) -> None:
+        _port(self, "port", "http_port")
+        _host("host", self.host)
+        _positive(self, "max_body_bytes", "drain_seconds")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise ConfigError(missing, "tls_cert and tls_key must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca", "mTLS needs tls_cert and tls_key as well")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(name, f"no such file: {path}")
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """How a request names its strategy and user, and the strategies it may name."""
+
+    default_strategy: str | None = knob(
+        None,
+        "default strategy (or weighted list) when a request has no routing-strategy header; "
+        "unset means route by model only",
+        name="routing_strategy",
+        env=("ROUTING_ALGORITHM",),
+    )
+    strategy_header: str = knob(
+        "routing-strategy", "request header naming the strategy", name="strategy_header"
+    )
+    user_header: str = knob("user", "request header carrying the user identity", name="user_header")
+    retry_after_seconds: int = knob(
+        2, "Retry-After sent with 503 when a model has no ready pod", name="retry_after_seconds"
+    )
+    strategies: dict[str, dict[str, Any]] = knob(
+        {},
+        "named strategy instances and their options: {least-request: {smoothing: 2}} sets "
+        "options of a built-in; {sticky: {algorithm: prefix-cache, min_match_blocks: 4}} adds "
+        "an instance a routing-strategy header can name; on the command line "
+        "--strategy-option NAME.OPTION=VALUE (repeatable)",
+        name="strategies",
+        cli=False,
+    )
+
+    def __post_init__(self) -> None:
+        if self.retry_after_seconds < 0:
+            raise ConfigError("retry_after_seconds", "must be >= 0")
+        for name in ("strategy_header", "user_header"):
+            if not _HEADER_NAME.fullmatch(getattr(self, name)):
+                raise ConfigError(name, "must be a lower-case HTTP header name")
+        try:
+            known = registry.instance_names(self.strategies)
+        except registry.OptionError as exc:
+            raise ConfigError(f"strategies.{exc.key}", exc.detail) from None
+        if self.default_strategy is not None:
+            try:
+                entries = parse_weighted(self.default_strategy)
+            except PlanSyntaxError as exc:
+                raise ConfigError("default_strategy", str(exc)) from None
+            for name, _ in entries:
+                if name not in known:
+                    raise ConfigError(
+                        "default_strategy",
+                        f"unknown strategy {name!r}; valid: {', '.join(known)}",
+                    )
+
+
+@dataclass(frozen=True)
+class DiscoverySettings:
+    """Where pods come from."""
+
+    provider: Literal["static", "kubernetes"] = knob(
+        "static",
+        "where pods come from: the static file (--config), or the Kubernetes API (Pods labelled "
+        "model.aibrix.ai/name, LoRA adapters from ModelAdapter status.instances)",
+        name="discovery",
+    )
+    static_reload_interval: float = knob(
+        1.0, "how often the static pod file is checked for changes", name="static_reload_interval"
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "static_reload_interval")
+
+
+@dataclass(frozen=True)
+class ScrapingSettings:
+    """Reading the pods' own metrics."""
+
+    interval: float = knob(0.1, "how often each pod's /metrics is scraped", name="scrape_interval")
+    timeout: float = knob(
+        0.5,
+        "give up on one scrape after this long (a hung exporter delays only itself)",
+        name="scrape_timeout",
+    )
+    stale_after: float = knob(
+        1.0,
+        "pod metrics older than this count as missing (strategies fall back for that pod)",
+        name="metrics_stale_after",
+    )
+    window: float = knob(
+        30.0,
+        "window over which request rates and mean latencies are derived from scrapes",
+        name="metrics_window",
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "interval", "timeout", "stale_after", "window")
+
+
+@dataclass(frozen=True)
+class PrefixSettings:
+    """Tokenising prompts and the approximate prefix index."""
+
+    tokenizer: Literal["character", "hf", "remote"] = knob(
+        "character",
+        "how prompts are tokenised for prefix hashing: UTF-8 bytes, a local tokenizer.json "
+        "(hf_tokenizers), or the pod's vLLM /tokenize",
+        name="tokenizer",
+    )
+    hf_tokenizers: dict[str, str] = knob(
+        {},
+        "with tokenizer: hf, model name -> tokenizer.json path ('*' for any other model)",
+        name="hf_tokenizers",
+    )
+    remote_timeout: float = knob(
+        0.2,
+        "with tokenizer: remote, give up on /tokenize after this (character fallback)",
+        name="remote_tokenizer_timeout",
+    )
+    block_chars: int = knob(
+        64, "prefix block size in bytes (character tokenizer)", name="prefix_block_chars"
+    )
+    block_tokens: int = knob(
+        16, "prefix block size in tokens (hf, remote, token ids)", name="prefix_block_tokens"
+    )
+    index_capacity: int = knob(
+        500_000,
+        "prefix index bound in blocks (about 200 bytes each); least recent evicted",
+        name="prefix_index_capacity",
+    )
+    index_ttl: float = knob(
+        600.0,
+        "prefix index entries older than this count as evicted from the pod",
+        name="prefix_index_ttl",
+    )
+    track_all: bool = knob(
+        False,
+        "hash and record every routed request, not only those a prefix strategy routes, so the "
+        "index sees all traffic (costs hashing on every request)",
+        name="prefix_track_all",
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "remote_timeout", "block_chars", "block_tokens", "index_capacity")
+        _positive(self, "index_ttl")
+        if self.tokenizer == "hf":
+            if not self.hf_tokenizers:
+                raise ConfigError("hf_tokenizers", "tokenizer: hf needs model -> tokenizer.json")
+            for model, path in self.hf_tokenizers.items():
+                if not Path(path).is_file():
+                    raise ConfigError("hf_tokenizers", f"{model}: no such file: {path}")
+
+
+@dataclass(frozen=True)
+class UsersSettings:
+    """Users, their limits, and where both are kept. Values are never echoed in errors: the
+    Redis URL may hold a password."""
+
+    host: str | None = knob(
+        None,
+        "address the users API binds to; unset: the server's host when users_admin_token is "
+        "set, else 127.0.0.1 (an API without a token stays on loopback)",
+        name="users_host",
+    )
+    port: int = knob(
+        8090,
+        "HTTP port of the users API (POST /CreateUser, /ReadUser, /UpdateUser, /DeleteUser)",
+        name="users_port",
+    )
+    admin_token: str | None = knob(
+        None,
+        "bearer token the users API requires when set; pass it as EXTPROC_USERS_ADMIN_TOKEN "
+        "(a flag shows in ps)",
+        name="users_admin_token",
+    )
+    redis_url: str | None = knob(
+        None,
+        "Redis holding users and rate-limit windows, shared by replicas "
+        "(redis://[:password@]host:6379/0, rediss:// for TLS); unset keeps them in memory",
+        name="redis_url",
+    )
+    redis_timeout: float = knob(
+        0.1,
+        "bound on every Redis call (connect, rate-limit check, token charge, users API)",
+        name="redis_timeout",
+    )
+    redis_failure_policy: Literal["fail-open", "fail-closed"] = knob(
+        "fail-open",
+        "when Redis fails or times out: fail-open serves the request without limits (warns, "
+        "counts), fail-closed answers 503",
+        name="redis_failure_policy",
+    )
+    redis_retry_interval: float = knob(
+        1.0,
+        "after a Redis failure, checks skip Redis this long and apply the policy at once",
+        name="redis_retry_interval",
+    )
+    unknown_user_policy: Literal["reject", "default-limits"] = knob(
+        "reject",
+        "a user header naming no registered user: reject (401), or apply default_rpm/default_tpm",
+        name="unknown_user_policy",
+    )
+    default_rpm: int = knob(
+        0, "RPM of unregistered users under default-limits (0 = no limit)", name="default_rpm"
+    )
+    default_tpm: int = knob(
+        0, "TPM of unregistered users under default-limits (0 = no limit)", name="default_tpm"
+    )
+
+    def __post_init__(self) -> None:
+        _port(self, "port")
+        if self.host is not None:
+            _host("host", self.host)
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError("redis_url", "must start with redis://, rediss:// or unix://")
+        _positive(self, "redis_timeout")
+        if self.redis_retry_interval < 0:
+            raise ConfigError("redis_retry_interval", "must be >= 0")
+        for name in ("default_rpm", "default_tpm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be >= 0 (0 means no limit)")
+        token = self.admin_token
+        if token is not None and (not token or any(ch.isspace() for ch in token)):
+            raise ConfigError("admin_token", "must be non-empty, without whitespace")
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """The Kubernetes API: what is watched, and the HTTPRoutes kept from model labels."""
+
+    kubeconfig: Path | None = knob(
+        None,
+        "kubeconfig for the Kubernetes API; unset: the pod's service account in a cluster, "
+        "else $KUBECONFIG or ~/.kube/config",
+        name="kubeconfig",
+    )
+    watch_namespaces: str = knob(
+        "",
+        "comma-separated namespaces whose model Pods, Deployments and ModelAdapters are watched; "
+        "empty watches all namespaces",
+        name="watch_namespaces",
+    )
+    manage_httproutes: bool = knob(
+        False,
+        "keep one HTTPRoute per model (from model.aibrix.ai/name labels) in gateway_namespace; "
+        "replicas elect one writer through a Lease",
+        name="manage_httproutes",
+    )
+    gateway_namespace: str = knob(
+        "aibrix-system",
+        "namespace of the Gateway, the generated HTTPRoutes and their Lease",
+        name="gateway_namespace",
+    )
+    gateway_name: str = knob(
+        "aibrix-eg", "Gateway the generated HTTPRoutes attach to", name="gateway_name"
+    )
+    route_timeout: float = knob(
+        120.0,
+        "request timeout of generated HTTPRoutes; per model: annotation "
+        "model.aibrix.ai/route-timeout",
+        name="route_timeout",
+    )
+    lease_duration: float = knob(
+        15.0,
+        "HTTPRoute writer Lease: renewed every third of this; a writer that stops renewing is "
+        "replaced after this long",
+        name="lease_duration",
+    )
+
+    def __post_init__(self) -> None:
+        names = [("gateway_namespace", self.gateway_namespace)]
+        names += [("gateway_name", self.gateway_name)]
+        names += [("watch_namespaces", n) for n in self.namespaces]
+        for key, value in names:
+            if len(value) > 63 or not _DNS1123_LABEL.fullmatch(value):
+                raise ConfigError(key, f"{value!r} is not a Kubernetes name (DNS-1123 label)")
+        if not 0 < self.route_timeout <= 86400:
+            raise ConfigError(
+                "route_timeout", f"must be > 0 and at most 24h, got {self.route_timeout}"
+            )
+        if self.lease_duration < 1:
+            raise ConfigError("lease_duration", f"must be >= 1s, got {self.lease_duration}")
+
+    @property
+    def namespaces(self) -> list[str]:
+        """``watch_namespaces`` as a list; empty means every namespace."""
+        return [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    format: Literal["text", "json"] = knob(
+        "text",
+        "log line format: text for people, json (one object per line) for log pipelines",
+        name="log_format",
+    )
+    level: Literal["debug", "info", "warning", "error"] = knob(
+        "info", "log level", name="log_level"
+    )
+    prompts: bool = knob(
+        False,
+        "SENSITIVE, for debugging only: add each request's prompt text to its access-log line "
+        "(without it no prompt or header value is ever logged)",
+        name="log_prompts",
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "routing": RoutingSettings,
+    "discovery": DiscoverySettings,
+    "scraping": ScrapingSettings,
+    "prefix": PrefixSettings,
+    "users": UsersSettings,
+    "kubernetes": KubernetesSettings,
+    "logging": LoggingSettings,
+}
+"""YAML section name -> its settings class, in the order of the generated table."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, one section per component. ``config`` and ``mode`` stand alone."""
+
+    config: Path | None = knob(
+        None,
+        "YAML file with settings sections and/or the static pod list (pods: re-read on change)",
+        name="config",
+    )
+    mode: Mode = knob(
+        "aibrix",
+        "aibrix: set target-pod for an ORIGINAL_DST cluster (Envoy Gateway, plain Envoy); epp: "
+        "be an InferencePool's endpoint picker (x-gateway-destination-endpoint header and "
+        "envoy.lb metadata)",
+        name="mode",
+    )
+    server: ServerSettings = ServerSettings()
+    routing: RoutingSettings = RoutingSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
+    scraping: ScrapingSettings = ScrapingSettings()
+    prefix: PrefixSettings = PrefixSettings()
+    users: UsersSettings = UsersSettings()
+    kubernetes: KubernetesSettings = KubernetesSettings()
+    logging: LoggingSettings = LoggingSettings()

@@ -1,0 +1,1 @@
+"""The pods the server knows, by name and by model."""

@@ -1,0 +1,1 @@
+"""The routing pipeline: admit, parse, candidates, produce data, pick, claim, release."""

@@ -1,0 +1,362 @@
+"""One request's routing, stage by stage, behind one handle.
+
+``Pipeline.open`` gives each request a ``Ticket``; the protocol adapter (the ext_proc exchange)
+calls its stages as Envoy's messages arrive and hands the results back to Envoy:
+
+1. ``admit``: the strategy plan named by the request (400 for an unknown one) and the user's
+   rate limits (429, 401, 503);
+2. ``route``: parse the body (400), find the model's candidates (404, 503), produce the data
+   the plan consumes (tokens and prefix matches), read the candidates again after that wait,
+   snapshot them, score, pick, and claim the pod;
+3. ``response_started`` / ``feed``: the response's status and, when token usage is needed, its
+   body;
+4. ``release``: ends the request's accounting exactly once, however the stream ended: the
+   claim, the strategies' ``on_finished``, the TPM charge, metrics and the access-log line.
+
+A dry run (the debug API's Explain) runs the same stages with no side effect: no rate-limit
+check, no claim, no hook, no index write, no counter, and its own random generator.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from extproc import errors
+from extproc.config import RoutingSettings
+from extproc.fleet.registry import PodRegistry
+from extproc.routing import openai_request
+from extproc.routing.access_log import AccessLog
+from extproc.routing.accounting import Accounting, Claim
+from extproc.routing.openai_request import Endpoint, InferenceRequest
+from extproc.routing.plans import Plan, Plans
+from extproc.routing.producer import Producer
+from extproc.routing.scoring import Decision, decide
+from extproc.routing.snapshots import Snapshots
+from extproc.routing.usage import UsageReader
+from extproc.scraping.readings import Readings
+from extproc.telemetry import Telemetry
+from extproc.users.ratelimit import RateLimiter
+from strategies.context import Finished, PodSnapshot, RoutingContext, Usage
+
+log = logging.getLogger(__name__)
+
+UNOBSERVED = "unobserved"
+"""The status of a request whose response the server chose not to see."""
+CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """What the request's headers say, read by the protocol adapter."""
+
+    request_id: str
+    endpoint: Endpoint
+    user: str | None = None
+    strategy: str | None = None
+    """The ``routing-strategy`` header's value (``None``: the configured default)."""
+
+
+@dataclass(slots=True)
+class Route:
+    """Where the request goes. ``pod`` is ``None`` when it is routed by model only."""
+
+    model: str
+    plan: Plan | None
+    pod: PodSnapshot | None = None
+    ctx: RoutingContext | None = None
+    decision: Decision | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the request ended, as the protocol adapter saw it."""
+
+    status: str
+    """The response's HTTP status, or ``cancelled`` (the stream ended first) or
+    ``unobserved`` (the response was not shown to the server)."""
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: RoutingSettings,
+        *,
+        registry: PodRegistry,
+        readings: Readings,
+        accounting: Accounting,
+        plans: Plans,
+        producers: Sequence[Producer],
+        limiter: RateLimiter,
+        telemetry: Telemetry,
+        access_log: AccessLog,
+        seed: int | None = None,
+    ) -> None:
+        self.registry = registry
+        self.readings = readings
+        self.accounting = accounting
+        self.plans = plans
+        self.producers = tuple(producers)
+        self.limiter = limiter
+        self.telemetry = telemetry
+        self.access_log = access_log
+        self.snapshots = Snapshots(readings, accounting)
+        self.retry_after = settings.retry_after_seconds
+        self.rng = random.Random(seed)
+        self._keys = itertools.count(1)
+
+    def open(self, head: RequestHead, *, dry_run: bool = False) -> Ticket:
+        return Ticket(self, head, next(self._keys), dry_run)
+
+    def model_label(self, model: str) -> str:
+        """A metric label for ``model``: only models the fleet serves, never a client's typo."""
+        return model if self.registry.knows_model(model) else "unknown"
+
+
+class Ticket:
+    """One request's passage through the pipeline; see the module docstring for its stages."""
+
+    __slots__ = (
+        "_charge_tokens",
+        "_claim",
+        "_model_counted",
+        "_pipeline",
+        "_prepared",
+        "_reader",
+        "_released",
+        "decision_seconds",
+        "dry_run",
+        "first_byte_at",
+        "head",
+        "key",
+        "plan",
+        "request",
+        "route_result",
+        "routed_at",
+    )
+
+    def __init__(self, pipeline: Pipeline, head: RequestHead, key: int, dry_run: bool) -> None:
+        self._pipeline = pipeline
+        self.head = head
+        self.key = key
+        self.dry_run = dry_run
+        self.plan: Plan | None = None
+        self.request: InferenceRequest | None = None
+        self.route_result: Route | None = None
+        self.routed_at = 0.0
+        self.first_byte_at: float | None = None
+        self.decision_seconds = 0.0
+        self._charge_tokens = False
+        self._claim: Claim | None = None
+        self._prepared: list[tuple[Producer, object]] = []
+        self._reader: UsageReader | None = None
+        self._model_counted = False
+        self._released = False
+
+    @property
+    def request_id(self) -> str:
+        return self.head.request_id
+
+    # -- admit ---------------------------------------------------------------------------------
+
+    async def admit(self) -> None:
+        """Choose the plan and check the user's limits. Raises ``GatewayError``."""
+        pipeline = self._pipeline
+        value = self.head.strategy
+        plans = pipeline.plans
+        self.plan = plans.parse(value, remember=not self.dry_run) if value else plans.default
+        user = self.head.user
+        if user is not None and not self.dry_run:
+            self._charge_tokens = await pipeline.limiter.admit(user)
+
+    @property
+    def needs_usage(self) -> bool:
+        """Whether the response's token usage must be read (a TPM limit, or a strategy)."""
+        return self._charge_tokens or (self.plan is not None and self.plan.needs_usage)
+
+    # -- route ---------------------------------------------------------------------------------
+
+    async def route(self, body: bytes) -> Route:
+        """Parse, find candidates, produce data, pick and (unless a dry run) claim."""
+        return await self.route_request(openai_request.parse(self.head.endpoint, body))
+
+    async def route_request(self, request: InferenceRequest) -> Route:
+        """``route`` for a body already parsed."""
+        self.request = request
+        route = await self._route(request)
+        self.route_result = route
+        return route
+
+    async def _route(self, request: InferenceRequest) -> Route:
+        pipeline = self._pipeline
+        model = request.model
+        registry = pipeline.registry
+        if not registry.knows_model(model):
+            raise errors.model_not_found(model)
+        if not self.dry_run:
+            pipeline.accounting.model_started(model)
+            self._model_counted = True
+        plan = self.plan
+        route = Route(model, plan)
+        if plan is None and (not self.dry_run or not registry.candidates(model)):
+            return route
+        if not registry.candidates(model):
+            raise errors.no_ready_pod(model, pipeline.retry_after)
+        for producer in pipeline.producers:
+            if self.dry_run or (plan is not None and producer.wanted(plan)):
+                prepared = await producer.prepare(request, dry_run=self.dry_run)
+                self._prepared.append((producer, prepared))
+        # After the last wait: candidates as they are now (a pod may have left meanwhile).
+        pods = registry.candidates(model)
+        if not pods:
+            raise errors.no_ready_pod(model, pipeline.retry_after)
+        started = time.perf_counter()
+        now = time.monotonic()
+        ctx = RoutingContext(
+            key=self.key,
+            model=model,
+            user=self.head.user,
+            now=now,
+            prompt_tokens=request.prompt_tokens,
+            prompt_tokens_exact=request.token_ids is not None,
+            max_tokens=request.max_tokens,
+            stream=request.stream,
+            pods=pipeline.snapshots.take(model, pods, now),
+            rng=random.Random() if self.dry_run else pipeline.rng,
+        )
+        for producer, prepared in self._prepared:
+            producer.fill(prepared, ctx)
+        route.ctx = ctx
+        if plan is None:
+            return route
+        decision = route.decision = decide(plan, ctx, pipeline.plans.fallback, self.request_id)
+        pod = route.pod = ctx.pods[decision.index]
+        if self.dry_run:
+            return route
+        self._claim = pipeline.accounting.claim(
+            pod.name, pipeline.readings.get(pod.name), ctx.prompt_tokens
+        )
+        self.routed_at = now
+        pipeline.plans.routed(ctx, pod)
+        for producer, prepared in self._prepared:
+            producer.claimed(prepared, ctx, decision.index)
+        telemetry = pipeline.telemetry
+        for name, reason in decision.fallbacks:
+            telemetry.count_fallback(name, reason)
+        self.decision_seconds = time.perf_counter() - started
+        telemetry.observe_decision(plan.metric_label, self.decision_seconds)
+        return route
+
+    # -- response ------------------------------------------------------------------------------
+
+    def response_started(self, status: str) -> bool:
+        """The response headers arrived; true when its body must be fed for token usage."""
+        self.first_byte_at = time.monotonic()
+        if self.needs_usage and status.startswith("2") and self.request is not None:
+            self._reader = UsageReader(streaming=self.request.stream)
+            return True
+        return False
+
+    def feed(self, chunk: bytes) -> None:
+        if self._reader is not None:
+            self._reader.feed(chunk)
+
+    # -- release -------------------------------------------------------------------------------
+
+    def release(self, outcome: Outcome) -> None:
+        """End the request's accounting. Idempotent: the first call does the work."""
+        if self._released or self.dry_run:
+            return
+        self._released = True
+        pipeline = self._pipeline
+        telemetry = pipeline.telemetry
+        request = self.request
+        usage = self._usage(outcome) if request is not None else None
+        user = self.head.user
+        if usage is not None and self._charge_tokens and user is not None:
+            pipeline.limiter.charge(user, usage)
+        if self._model_counted and request is not None:
+            pipeline.accounting.model_finished(request.model)
+        route = self.route_result
+        claim = self._claim
+        strategy = self.plan.metric_label if self.plan is not None else "none"
+        if claim is None or route is None or route.pod is None or request is None:
+            model = pipeline.model_label(request.model) if request is not None else "unknown"
+            telemetry.count_request(model, strategy, outcome.status)
+            if pipeline.access_log.enabled:
+                pipeline.access_log.write(
+                    "routed" if route is not None else "not routed",
+                    {
+                        "request_id": self.request_id,
+                        "model": model,
+                        "strategy": self.plan.label if self.plan is not None else "none",
+                        "pod": None,
+                        "status": outcome.status,
+                    },
+                    request,
+                )
+            return
+        claim.release()
+        now = time.monotonic()
+        pod = route.pod
+        pipeline.plans.finished(
+            Finished(
+                key=self.key,
+                pod=pod.name,
+                user=user,
+                prompt_tokens=usage.prompt_tokens if usage is not None else request.prompt_tokens,
+                usage=usage,
+                routed_at=self.routed_at,
+                finished_at=now,
+                first_byte_at=self.first_byte_at,
+            )
+        )
+        telemetry.count_request(request.model, strategy, outcome.status)
+        first_byte = self.first_byte_at
+        telemetry.observe_request(
+            request.model,
+            now - self.routed_at,
+            None if first_byte is None else first_byte - self.routed_at,
+        )
+        if pipeline.access_log.enabled:
+            assert self.plan is not None
+            pipeline.access_log.write(
+                "routed",
+                {
+                    "request_id": self.request_id,
+                    "model": request.model,
+                    "strategy": self.plan.label,
+                    "pod": pod.name,
+                    "status": outcome.status,
+                    "decision_ms": round(self.decision_seconds * 1000, 3),
+                    "duration_ms": round((now - self.routed_at) * 1000, 3),
+                },
+                request,
+            )
+
+    def _usage(self, outcome: Outcome) -> Usage | None:
+        """The response's token usage when it was needed (counted by source), else ``None``."""
+        request = self.request
+        if request is None or not self.needs_usage:
+            return None
+        usage_counter = self._pipeline.telemetry.usage
+        if outcome.status == UNOBSERVED:
+            # No response to read: the request's own size and max_tokens stand for its usage.
+            usage_counter.labels("estimated").inc()
+            return Usage(request.prompt_tokens, request.max_tokens or 0, estimated=True)
+        reader = self._reader
+        if reader is None:
+            return None
+        usage = reader.result(request.prompt_tokens)
+        source = "missing" if usage is None else "estimated" if usage.estimated else "reported"
+        usage_counter.labels(source).inc()
+        return usage
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()

@@ -1,0 +1,195 @@
+"""The plain data a strategy sees: one context per request, one snapshot per candidate pod.
+
+Nothing here knows about gRPC, Envoy, Redis or Kubernetes. The server fills these from its own
+state (the pod registry, the scraper's readings, its accounting, the prefix index), so every
+algorithm can be exercised with hand-made pods in a unit test. Everything is immutable during a
+decision: a strategy reads one consistent picture of the fleet.
+
+Prompt size has one unit everywhere: tokens. ``prompt_tokens`` is exact when the prompt was
+tokenised (or was token ids) and otherwise an estimate of four UTF-8 bytes a token.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Final
+
+PREFIX: Final = "prefix"
+"""Data key: ``RoutingContext.prefix`` (the prompt's cached-prefix matches per candidate)."""
+USAGE: Final = "usage"
+"""Data key: the response's token usage, delivered to ``on_finished`` (the server then reads
+the response body)."""
+DATA_KEYS: Final = frozenset({PREFIX, USAGE})
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """A Prometheus histogram's running ``_sum`` and ``_count`` (buckets are not needed)."""
+
+    sum: float = 0.0
+    count: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsWindow:
+    """What a pod did over the scraper's recent window, from counter and histogram deltas.
+
+    Means are ``None`` when no request finished on the pod during the window.
+    """
+
+    seconds: float = 0.0
+    requests: float = 0.0
+    prompt_tokens: float = 0.0
+    generation_tokens: float = 0.0
+    queue_seconds: float | None = None
+    ttft_seconds: float | None = None
+    e2e_seconds: float | None = None
+    mean_running: float = 0.0
+    """Average batch size (``running``) over the window's samples: the batch the latency means
+    were measured at."""
+
+    @property
+    def weighted_tokens(self) -> float:
+        """Prefill is roughly twice the work of decode per token: ``2 x prompt + completion``."""
+        return 2.0 * self.prompt_tokens + self.generation_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class PodMetrics:
+    """One reading of a pod's metrics, normalised (fractions in 0..1, seconds).
+
+    A field is ``None`` when the pod does not export it; strategies treat that as unknown.
+    ``window`` is derived from successive readings (``None`` until there are two).
+    """
+
+    running: float | None = None
+    waiting: float | None = None
+    kv_cache_usage: float | None = None
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
+    prompt_tokens: float | None = None
+    generation_tokens: float | None = None
+    ttft: Histogram | None = None
+    e2e_latency: Histogram | None = None
+    queue_time: Histogram | None = None
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    window: MetricsWindow | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PodSnapshot:
+    """A candidate pod as of this decision.
+
+    ``in_flight`` counts requests this server routed to the pod and has not seen finish;
+    ``sent_since_scrape`` counts those routed since the pod's queue was last read and still
+    open, so a burst between two readings is not invisible, while a request that already
+    finished (and so is in no queue) does not count twice. ``sent_prompt_tokens`` is the prompt
+    tokens routed to the pod since its token counters were last read.
+    """
+
+    name: str
+    address: str
+    in_flight: int = 0
+    sent_since_scrape: int = 0
+    sent_prompt_tokens: int = 0
+    metrics: PodMetrics | None = None
+    """The latest reading when it is fresh; ``None`` when missing or stale."""
+    metrics_missing: bool = True
+    """No reading at all yet (cold start), as opposed to a stale one."""
+    load: float = 0.0
+    """The load estimate every load-aware strategy uses:
+    ``max(in_flight, running + waiting + sent_since_scrape)``, or ``in_flight`` without fresh
+    metrics (cold start, a hung exporter)."""
+
+    @property
+    def unknown(self) -> Unknown:
+        """Why a metric-based score for this pod is unknown."""
+        return NO_METRICS if self.metrics_missing else STALE_METRICS
+
+
+def load_estimate(in_flight: int, sent_since_scrape: int, metrics: PodMetrics | None) -> float:
+    """``max(in_flight, running + waiting + sent_since_scrape)``; ``in_flight`` without a
+    fresh reading of ``running``."""
+    if metrics is None or metrics.running is None:
+        return float(in_flight)
+    queued = metrics.running + (metrics.waiting or 0.0) + sent_since_scrape
+    return max(float(in_flight), queued)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatches:
+    """The prompt's blocks and what each candidate is believed to cache, aligned with
+    ``RoutingContext.pods``."""
+
+    block_tokens: int
+    """Tokens per block: a match of ``n`` blocks saves ``n x block_tokens`` tokens of prefill."""
+    prompt_blocks: int
+    """Full blocks in the prompt (a trailing partial block is never cached)."""
+    matched: tuple[int, ...]
+    """Leading prompt blocks each candidate holds."""
+    held: tuple[int, ...]
+    """Blocks each candidate holds in all (where to put a prompt no pod holds yet)."""
+    precise: tuple[bool, ...]
+    """True where the pod's own KV-cache events say so; false where the server guesses from
+    what it routed there."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """A pod a strategy cannot score; ``reason`` becomes a metric label (a small fixed set)."""
+
+    reason: str
+
+
+NO_METRICS: Final = Unknown("no-metrics")
+STALE_METRICS: Final = Unknown("stale-metrics")
+
+Score = float | Unknown
+
+
+@dataclass(slots=True)
+class RoutingContext:
+    """What a strategy may know about the request being routed, and its candidates."""
+
+    key: int
+    """Unique per request within this process (never the client's x-request-id)."""
+    model: str
+    user: str | None
+    now: float
+    prompt_tokens: int
+    max_tokens: int | None
+    pods: tuple[PodSnapshot, ...]
+    rng: random.Random
+    """The only randomness a strategy may use, so a dry run (Explain) leaves the live
+    generator untouched."""
+    stream: bool = False
+    prompt_tokens_exact: bool = False
+    prefix: PrefixMatches | None = None
+    """Filled when a strategy of the plan consumes ``PREFIX``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage of a finished request; ``estimated`` when the pod reported none."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A request that ended, as ``on_finished`` hooks see it (timestamps are monotonic)."""
+
+    key: int
+    pod: str
+    user: str | None
+    prompt_tokens: int
+    usage: Usage | None
+    routed_at: float
+    finished_at: float
+    first_byte_at: float | None = None
