@@ -17,7 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from extproc import http_server, logs
+from extproc import http_server, logs, self_signed
 from extproc.config import ConfigError, Settings
 from extproc.debug import service as debug_service
 from extproc.debug.v1 import debug_pb2_grpc
@@ -131,6 +131,8 @@ class Server:
         credentials = None
         if settings.tls_cert is not None:
             credentials = ServerCertificates(settings, self.telemetry).credentials()
+        elif settings.tls_self_signed:
+            credentials = self_signed.credentials()
         message_limit = settings.max_body_bytes + GRPC_OVERHEAD_BYTES
         self._grpc = grpc.aio.server(
             options=[

@@ -78,6 +78,12 @@ class ServerSettings:
     tls_key: Path | None = knob(
         None, "PEM private key of tls_cert; re-read when it changes", name="tls_key"
     )
+    tls_self_signed: bool = knob(
+        False,
+        "serve TLS on the gRPC port with a certificate generated at start-up (for gateways "
+        "that connect with TLS and do not verify, e.g. Envoy AI Gateway to an endpoint picker)",
+        name="tls_self_signed",
+    )
     tls_client_ca: Path | None = knob(
         None,
         "PEM CA bundle: when set (with tls_cert), clients must present a certificate it signed "
@@ -122,6 +128,8 @@ class ServerSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             missing = "tls_key" if self.tls_key is None else "tls_cert"
             raise ConfigError(missing, "tls_cert and tls_key must be set together")
+        if self.tls_self_signed and self.tls_cert is not None:
+            raise ConfigError("tls_self_signed", "give either tls_cert/tls_key or tls_self_signed")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_client_ca", "mTLS needs tls_cert and tls_key as well")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
@@ -148,6 +156,12 @@ class RoutingSettings:
     retry_after_seconds: int = knob(
         2, "Retry-After sent with 503 when a model has no ready pod", name="retry_after_seconds"
     )
+    fallback_endpoints: int = knob(
+        1,
+        "endpoints after the chosen one in x-gateway-destination-endpoint (and envoy.lb "
+        "metadata), best first, for gateways that try the next when one fails; 0 sends one",
+        name="fallback_endpoints",
+    )
     strategies: dict[str, dict[str, Any]] = knob(
         {},
         "named strategy instances and their options: {least-request: {smoothing: 2}} sets "
@@ -161,6 +175,8 @@ class RoutingSettings:
     def __post_init__(self) -> None:
         if self.retry_after_seconds < 0:
             raise ConfigError("retry_after_seconds", "must be >= 0")
+        if not 0 <= self.fallback_endpoints <= 16:
+            raise ConfigError("fallback_endpoints", "must be between 0 and 16")
         for name in ("strategy_header", "user_header"):
             if not _HEADER_NAME.fullmatch(getattr(self, name)):
                 raise ConfigError(name, "must be a lower-case HTTP header name")
@@ -185,10 +201,11 @@ class RoutingSettings:
 class DiscoverySettings:
     """Where pods come from."""
 
-    provider: Literal["static", "kubernetes"] = knob(
+    provider: Literal["static", "kubernetes", "inferencepool"] = knob(
         "static",
-        "where pods come from: the static file (--config), or the Kubernetes API (Pods labelled "
-        "model.aibrix.ai/name, LoRA adapters from ModelAdapter status.instances)",
+        "where pods come from: the static file (--config); the Kubernetes API (Pods labelled "
+        "model.aibrix.ai/name, LoRA adapters from ModelAdapter status.instances); or one "
+        "InferencePool's selector and targetPorts (inference_pool)",
         name="discovery",
     )
     static_reload_interval: float = knob(
@@ -197,6 +214,12 @@ class DiscoverySettings:
 
     def __post_init__(self) -> None:
         _positive(self, "static_reload_interval")
+
+
+def check_discovery(discovery: DiscoverySettings, kubernetes: KubernetesSettings) -> None:
+    """Settings of two sections that must agree."""
+    if discovery.provider == "inferencepool" and not kubernetes.inference_pool:
+        raise ConfigError("inference_pool", "discovery: inferencepool needs NAMESPACE/NAME")
 
 
 @dataclass(frozen=True)
@@ -389,6 +412,12 @@ class KubernetesSettings:
         "model.aibrix.ai/route-timeout",
         name="route_timeout",
     )
+    inference_pool: str = knob(
+        "",
+        "the InferencePool this server picks endpoints for, as NAMESPACE/NAME (discovery: "
+        "inferencepool)",
+        name="inference_pool",
+    )
     lease_duration: float = knob(
         15.0,
         "HTTPRoute writer Lease: renewed every third of this; a writer that stops renewing is "
@@ -409,6 +438,10 @@ class KubernetesSettings:
             )
         if self.lease_duration < 1:
             raise ConfigError("lease_duration", f"must be >= 1s, got {self.lease_duration}")
+        if self.inference_pool:
+            namespace, slash, name = self.inference_pool.partition("/")
+            if not slash or not _DNS1123_LABEL.fullmatch(namespace) or not name:
+                raise ConfigError("inference_pool", "must be NAMESPACE/NAME")
 
     @property
     def namespaces(self) -> list[str]:
@@ -471,3 +504,6 @@ class Settings:
     users: UsersSettings = UsersSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    def __post_init__(self) -> None:
+        check_discovery(self.discovery, self.kubernetes)
