@@ -38,6 +38,7 @@ from extproc.tls import ServerCertificates
 from extproc.users.api import UsersApi
 from extproc.users.ratelimit import RateLimiter
 from extproc.users.store import MemoryUserStore, RedisUserStore, UserStore
+from strategies import registry
 
 if TYPE_CHECKING:
     from extproc.kube.cluster import Cluster
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 
 EXT_PROC_SERVICE = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 GRPC_OVERHEAD_BYTES = 1024 * 1024
+LIVENESS = "liveness"
+READINESS_SERVICES = ("", EXT_PROC_SERVICE, "readiness")
+"""gRPC health service names that follow readiness (endpoint pickers are probed on the last
+two); ``liveness`` is SERVING from start to exit."""
 
 
 class Server:
@@ -58,7 +63,9 @@ class Server:
         self.registry = PodRegistry()
         self.readings = Readings(settings.scraping.stale_after)
         self.accounting = Accounting()
-        self.plans = Plans(routing)
+        picker = settings.mode == "epp"
+        # An endpoint picker must always pick: without a configured default, least-request.
+        self.plans = Plans(routing, default=registry.FALLBACK if picker else None)
         self.users: UserStore = (
             RedisUserStore(users.redis_url, users.redis_timeout)
             if users.redis_url
@@ -77,6 +84,7 @@ class Server:
             limiter=self.limiter,
             telemetry=self.telemetry,
             access_log=AccessLog(settings.logging.prompts),
+            any_model=picker,
         )
         server = settings.server
         self.exchange_services = ExchangeServices(
@@ -86,7 +94,8 @@ class Server:
             user_header=routing.user_header,
             max_body_bytes=server.max_body_bytes,
             response_phase=server.response_phase,
-            destination_endpoint_header=server.destination_endpoint_header,
+            destination_endpoint_header=server.destination_endpoint_header or picker,
+            picker=picker,
         )
         self.draining = False
         self.health = health.aio.HealthServicer()
@@ -198,6 +207,7 @@ class Server:
         if self.cluster is not None:
             self.cluster.start()
         await self.scraper.start()
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._set_serving(self.registry.loaded)
         if not self.registry.loaded:
             self._tasks.append(asyncio.create_task(self._serve_when_loaded(), name="await-pods"))
@@ -220,7 +230,7 @@ class Server:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in ("", EXT_PROC_SERVICE):
+        for service in READINESS_SERVICES:
             await self.health.set(service, status)
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -97,6 +97,16 @@ def no_ready_pod(model: str, retry_after: int) -> GatewayError:
     )
 
 
+def no_endpoint_in_subset(retry_after: int) -> GatewayError:
+    return GatewayError(
+        503,
+        "None of the endpoints the gateway allows for this request is ready; retry later.",
+        type="service_unavailable_error",
+        code="no_ready_endpoint",
+        retry_after=retry_after,
+    )
+
+
 def body_too_large(limit: int) -> GatewayError:
     return GatewayError(
         413,

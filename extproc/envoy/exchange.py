@@ -1,5 +1,4 @@
-"""One ext_proc stream in the AIBrix convention: Envoy's messages in, routing pipeline calls,
-Envoy's answers out.
+"""One ext_proc stream: Envoy's messages in, routing pipeline calls, Envoy's answers out.
 
 Envoy sends the request headers, then the body (one buffered message, or chunks), then the
 response headers (and the response body only when this exchange asked for it). The exchange
@@ -11,7 +10,15 @@ Body modes: with BUFFERED the headers are answered at once and the route goes in
 answer. When Envoy sends the body without waiting for the headers answer (FULL_DUPLEX_STREAMED,
 or STREAMED with ``send_body_without_waiting_for_header_response``), the headers answer is held
 until the last chunk and carries the route; in FULL_DUPLEX_STREAMED the server also hands the
-body back to Envoy, unchanged.
+body back to Envoy, unchanged, in chunks of at most 62,000 bytes, and echoes every response
+body chunk the same way.
+
+Two conventions tell Envoy where to send the request. AIBrix (the default): ``target-pod:
+ip:port``, which an ORIGINAL_DST cluster reads (and, when enabled, the endpoint list in
+``x-gateway-destination-endpoint``). Endpoint picker (``mode: epp``, Gateway API Inference
+Extension): the endpoint list in ``x-gateway-destination-endpoint`` and the same value in the
+dynamic metadata ``envoy.lb``; the gateway's subset hint restricts the choice, and the endpoint
+that really served, reported back in the response metadata, takes the request's accounting.
 
 Messages out of order (a second request_headers, a body before any headers, a response before
 the route) end the stream with ``ProtocolViolation``: Envoy never sends them, so they come from
@@ -27,7 +34,6 @@ from enum import Enum, auto
 
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     HttpBody,
-    HttpHeaders,
     ProcessingRequest,
     ProcessingResponse,
 )
@@ -79,6 +85,8 @@ class ExchangeServices:
     max_body_bytes: int
     response_phase: str
     destination_endpoint_header: bool
+    picker: bool = False
+    """Endpoint-picker convention (``mode: epp``)."""
 
 
 class State(Enum):
@@ -100,6 +108,7 @@ class Exchange:
         "_body_mode",
         "_body_size",
         "_duplex",
+        "_echo_response",
         "_held_chunks",
         "_hold_headers",
         "_services",
@@ -120,6 +129,7 @@ class Exchange:
         self._body_chunks: list[bytes] = []
         self._body_size = 0
         self._duplex = False
+        self._echo_response = False
         self._hold_headers = False
         self._held_chunks = 0
         self._status = ""
@@ -138,17 +148,15 @@ class Exchange:
                     raise ProtocolViolation("request_headers received twice on one stream")
                 if message.HasField("protocol_config"):
                     self._read_protocol(message)
-                return await self._on_request_headers(message.request_headers)
+                return await self._on_request_headers(message)
             if self.state is State.HEADERS:
                 raise ProtocolViolation(f"{kind} received before request_headers")
             if kind == "request_body":
                 return await self._on_request_body(message.request_body)
             if kind == "response_headers":
-                return self._on_response_headers(message.response_headers)
+                return self._on_response_headers(message)
             if kind == "response_body":
-                if self.state is State.ROUTED and self._ticket is not None:
-                    self._ticket.feed(message.response_body.body)
-                return (msgs.CONTINUE_RESPONSE_BODY,)
+                return self._on_response_body(message.response_body)
             if kind == "request_trailers":
                 return await self._on_request_trailers()
             if kind == "response_trailers":
@@ -166,10 +174,12 @@ class Exchange:
             mode in (BodyMode.STREAMED, BodyMode.BUFFERED_PARTIAL)
             and config.send_body_without_waiting_for_header_response
         )
+        self._echo_response = config.response_body_mode == BodyMode.FULL_DUPLEX_STREAMED
 
     # -- request headers -----------------------------------------------------------------------
 
-    async def _on_request_headers(self, message: HttpHeaders) -> Sequence[ProcessingResponse]:
+    async def _on_request_headers(self, request: ProcessingRequest) -> Sequence[ProcessingResponse]:
+        message = request.request_headers
         services = self._services
         strategy_header = services.strategy_header
         user_header = services.user_header
@@ -199,8 +209,9 @@ class Exchange:
             raise errors.method_not_allowed(method or "", route_path)
 
         self.state = State.BODY
+        subset = _subset_hint(request) if services.picker else None
         ticket = self._ticket = services.pipeline.open(
-            RequestHead(self.request_id, endpoint, user, strategy)
+            RequestHead(self.request_id, endpoint, user, strategy, subset)
         )
         await ticket.admit()
         if message.end_of_stream:
@@ -252,7 +263,7 @@ class Exchange:
         state = self.state
         if state is State.PASSTHROUGH:
             if self._duplex:
-                return (msgs.streamed_request_body(message.body, message.end_of_stream),)
+                return msgs.streamed_request_body(message.body, message.end_of_stream)
             return (msgs.CONTINUE_REQUEST_BODY,)
         if state is State.DONE:
             return NO_RESPONSES  # sent before Envoy saw the immediate response
@@ -293,25 +304,30 @@ class Exchange:
             msgs.fixed_header(MODEL, route.model.encode()),
             msgs.header(REQUEST_ID, self.request_id.encode()),
         ]
+        metadata = None
         pod, plan = route.pod, route.plan
         if pod is not None and plan is not None:
-            address = pod.address.encode()
-            headers.append(msgs.fixed_header(TARGET_POD, address))
             headers.append(msgs.fixed_header(services.strategy_header, plan.header_value))
-            if services.destination_endpoint_header:
-                headers.append(msgs.fixed_header(DESTINATION_ENDPOINT, address))
-            if self._skip_response:
-                # No response phase to name the pod to the client: Envoy copies this header.
-                headers.append(msgs.fixed_header(POD_NAME, pod.name.encode()))
+            endpoints = ",".join(route.endpoints)
+            if services.picker:
+                headers.append(msgs.fixed_header(DESTINATION_ENDPOINT, endpoints.encode()))
+                metadata = msgs.lb_metadata(DESTINATION_ENDPOINT, endpoints)
+            else:
+                headers.append(msgs.fixed_header(TARGET_POD, pod.address.encode()))
+                if services.destination_endpoint_header:
+                    headers.append(msgs.fixed_header(DESTINATION_ENDPOINT, endpoints.encode()))
+                if self._skip_response:
+                    # No response phase to name the pod to the client: Envoy copies this header.
+                    headers.append(msgs.fixed_header(POD_NAME, pod.name.encode()))
         self.state = State.ROUTED
         if self._skip_response:
             self._status = UNOBSERVED
         mutation = msgs.mutation(headers, self._strip)
         if not self._hold_headers:
-            return (msgs.request_body(mutation, clear_route_cache=True),)
-        responses = [msgs.request_headers(mutation, clear_route_cache=True)]
+            return (msgs.request_body(mutation, clear_route_cache=True, metadata=metadata),)
+        responses = [msgs.request_headers(mutation, clear_route_cache=True, metadata=metadata)]
         if self._duplex:
-            responses.append(msgs.streamed_request_body(body, end_of_stream=not trailers))
+            responses.extend(msgs.streamed_request_body(body, end_of_stream=not trailers))
         else:
             responses.extend([msgs.CONTINUE_REQUEST_BODY] * (self._held_chunks + (not trailers)))
         if trailers:
@@ -320,16 +336,20 @@ class Exchange:
 
     # -- response ------------------------------------------------------------------------------
 
-    def _on_response_headers(self, message: HttpHeaders) -> Sequence[ProcessingResponse]:
+    def _on_response_headers(self, request: ProcessingRequest) -> Sequence[ProcessingResponse]:
         if self.state in (State.BODY, State.HEADERS):
             raise ProtocolViolation("response_headers received before the request was routed")
-        for entry in message.headers.headers:
+        for entry in request.response_headers.headers.headers:
             if entry.key == ":status":
                 self._status = value(entry)
                 break
         ticket = self._ticket
         if self.state is not State.ROUTED or ticket is None:
             return (msgs.CONTINUE_RESPONSE_HEADERS,)
+        if self._services.picker:
+            served = _metadata_string(request, msgs.LB_NAMESPACE, SERVED_ENDPOINT)
+            if served:
+                ticket.served_by(served)
         route = ticket.route_result
         headers = [msgs.header(REQUEST_ID, self.request_id.encode())]
         if route is not None and route.pod is not None and route.plan is not None:
@@ -337,9 +357,16 @@ class Exchange:
             headers.append(
                 msgs.fixed_header(self._services.strategy_header, route.plan.header_value)
             )
-        if ticket.response_started(self._status):
+        if ticket.response_started(self._status) and not self._echo_response:
             return (msgs.response_headers(msgs.mutation(headers), msgs.STREAM_RESPONSE_BODY),)
         return (msgs.response_headers(msgs.mutation(headers)),)
+
+    def _on_response_body(self, message: HttpBody) -> Sequence[ProcessingResponse]:
+        if self.state is State.ROUTED and self._ticket is not None:
+            self._ticket.feed(message.body)
+        if self._echo_response:
+            return (msgs.streamed_response_body(message.body, message.end_of_stream),)
+        return (msgs.CONTINUE_RESPONSE_BODY,)
 
     # -- errors and the end --------------------------------------------------------------------
 
@@ -364,3 +391,33 @@ class Exchange:
         ticket = self._ticket
         if ticket is not None:
             ticket.release(Outcome(status or self._status or CANCELLED))
+
+
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+SERVED_ENDPOINT = "x-gateway-destination-endpoint-served"
+
+
+def _subset_hint(request: ProcessingRequest) -> frozenset[str] | None:
+    """The endpoints the gateway allows (a list, or one comma-separated string); ``None``
+    when it sent no hint."""
+    namespace = request.metadata_context.filter_metadata.get(SUBSET_NAMESPACE)
+    if namespace is None or SUBSET_KEY not in namespace.fields:
+        return None
+    hint = namespace.fields[SUBSET_KEY]
+    kind = hint.WhichOneof("kind")
+    if kind == "list_value":
+        items = [v.string_value for v in hint.list_value.values]
+    elif kind == "string_value":
+        items = hint.string_value.split(",")
+    else:
+        items = []
+    return frozenset(item.strip() for item in items if item.strip())
+
+
+def _metadata_string(request: ProcessingRequest, namespace: str, key: str) -> str:
+    struct = request.metadata_context.filter_metadata.get(namespace)
+    if struct is None or key not in struct.fields:
+        return ""
+    served: str = struct.fields[key].string_value
+    return served.partition(",")[0].strip()

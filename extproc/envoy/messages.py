@@ -23,6 +23,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     TrailersResponse,
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.struct_pb2 import Struct
 
 from extproc.errors import GatewayError
 
@@ -90,6 +91,7 @@ def request_headers(
     header_mutation: HeaderMutation | None = None,
     clear_route_cache: bool = False,
     mode: ProcessingMode | None = None,
+    metadata: Struct | None = None,
 ) -> ProcessingResponse:
     return ProcessingResponse(
         request_headers=HeadersResponse(
@@ -98,23 +100,57 @@ def request_headers(
             )
         ),
         mode_override=mode,
+        dynamic_metadata=metadata,
     )
 
 
 def request_body(
-    header_mutation: HeaderMutation | None = None, clear_route_cache: bool = False
+    header_mutation: HeaderMutation | None = None,
+    clear_route_cache: bool = False,
+    metadata: Struct | None = None,
 ) -> ProcessingResponse:
     return ProcessingResponse(
         request_body=BodyResponse(
             response=CommonResponse(
                 header_mutation=header_mutation, clear_route_cache=clear_route_cache
             )
-        )
+        ),
+        dynamic_metadata=metadata,
     )
 
 
-def streamed_request_body(body: bytes, end_of_stream: bool) -> ProcessingResponse:
-    """In FULL_DUPLEX_STREAMED mode the server hands the body back to Envoy itself."""
+LB_NAMESPACE = "envoy.lb"
+
+
+def lb_metadata(key: str, value: str) -> Struct:
+    """Dynamic metadata ``envoy.lb: {key: value}`` (what override_host load balancing reads)."""
+    metadata = Struct()
+    metadata.get_or_create_struct(LB_NAMESPACE)[key] = value
+    return metadata
+
+
+STREAMED_CHUNK_BYTES = 62_000
+"""The largest body chunk handed back to Envoy in one message (what endpoint pickers use, so a
+gateway never has to split or buffer one)."""
+
+
+def streamed_request_body(body: bytes, end_of_stream: bool) -> list[ProcessingResponse]:
+    """In FULL_DUPLEX_STREAMED mode the server hands the body back to Envoy itself, in chunks
+    of at most ``STREAMED_CHUNK_BYTES``."""
+    if len(body) <= STREAMED_CHUNK_BYTES:
+        return [_streamed_request(body, end_of_stream)]
+    view = memoryview(body)
+    last = len(body) - 1
+    return [
+        _streamed_request(
+            bytes(view[start : start + STREAMED_CHUNK_BYTES]),
+            end_of_stream and start + STREAMED_CHUNK_BYTES > last,
+        )
+        for start in range(0, len(body), STREAMED_CHUNK_BYTES)
+    ]
+
+
+def _streamed_request(body: bytes, end_of_stream: bool) -> ProcessingResponse:
     return ProcessingResponse(
         request_body=BodyResponse(
             response=CommonResponse(
@@ -123,6 +159,26 @@ def streamed_request_body(body: bytes, end_of_stream: bool) -> ProcessingRespons
                 )
             )
         )
+    )
+
+
+def streamed_response_body(body: bytes, end_of_stream: bool) -> ProcessingResponse:
+    """A response body chunk handed back in FULL_DUPLEX_STREAMED mode."""
+    return ProcessingResponse(
+        response_body=BodyResponse(
+            response=CommonResponse(
+                body_mutation=BodyMutation(
+                    streamed_response=StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+                )
+            )
+        )
+    )
+
+
+def replaced_response_body(body: bytes) -> ProcessingResponse:
+    """A response body chunk replaced in STREAMED mode."""
+    return ProcessingResponse(
+        response_body=BodyResponse(response=CommonResponse(body_mutation=BodyMutation(body=body)))
     )
 
 

@@ -79,6 +79,9 @@ class Pod:
         return self.spec.address
 
 
+ANY_MODEL = "*"
+"""The candidates key of every ready pod, whatever it serves (an endpoint picker's pool)."""
+
 Listener = Callable[[], None]
 RemovalListener = Callable[[str], None]
 
@@ -158,6 +161,7 @@ class PodRegistry:
                 models.setdefault(adapter, ModelInfo(adapter, parent=spec.model))
             if not spec.ready:
                 continue
+            candidates.setdefault(ANY_MODEL, []).append(pod)
             candidates.setdefault(spec.model, []).append(pod)
             for adapter in spec.adapters:
                 candidates.setdefault(adapter, []).append(pod)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from extproc import errors
 from extproc.config import RoutingSettings
-from extproc.fleet.registry import PodRegistry
+from extproc.fleet.registry import ANY_MODEL, PodRegistry
 from extproc.routing import openai_request
 from extproc.routing.access_log import AccessLog
 from extproc.routing.accounting import Accounting, Claim
@@ -60,6 +60,8 @@ class RequestHead:
     user: str | None = None
     strategy: str | None = None
     """The ``routing-strategy`` header's value (``None``: the configured default)."""
+    subset: frozenset[str] | None = None
+    """Endpoints (``ip:port``) the gateway allows for this request; ``None``: any."""
 
 
 @dataclass(slots=True)
@@ -69,6 +71,8 @@ class Route:
     model: str
     plan: Plan | None
     pod: PodSnapshot | None = None
+    endpoints: tuple[str, ...] = ()
+    """The chosen pod's address, then fallbacks best first (``routing.fallback_endpoints``)."""
     ctx: RoutingContext | None = None
     decision: Decision | None = None
 
@@ -95,6 +99,7 @@ class Pipeline:
         limiter: RateLimiter,
         telemetry: Telemetry,
         access_log: AccessLog,
+        any_model: bool = False,
         seed: int | None = None,
     ) -> None:
         self.registry = registry
@@ -107,11 +112,21 @@ class Pipeline:
         self.access_log = access_log
         self.snapshots = Snapshots(readings, accounting)
         self.retry_after = settings.retry_after_seconds
+        self.fallback_endpoints = settings.fallback_endpoints
+        self.any_model = any_model
+        """Endpoint-picker mode: every pod of the pool serves whatever model a request names
+        (the gateway routed it to the pool); a model no pod lists is routed among them all."""
         self.rng = random.Random(seed)
         self._keys = itertools.count(1)
 
     def open(self, head: RequestHead, *, dry_run: bool = False) -> Ticket:
         return Ticket(self, head, next(self._keys), dry_run)
+
+    def candidate_key(self, model: str) -> str:
+        """The registry key a request for ``model`` takes candidates from."""
+        if self.any_model and not self.registry.candidates(model):
+            return ANY_MODEL
+        return model
 
     def model_label(self, model: str) -> str:
         """A metric label for ``model``: only models the fleet serves, never a client's typo."""
@@ -194,19 +209,19 @@ class Ticket:
 
     async def _route(self, request: InferenceRequest) -> Route:
         pipeline = self._pipeline
-        model = request.model
+        model = pipeline.candidate_key(request.model)
         registry = pipeline.registry
-        if not registry.knows_model(model):
-            raise errors.model_not_found(model)
+        if model != ANY_MODEL and not registry.knows_model(model):
+            raise errors.model_not_found(request.model)
         if not self.dry_run:
-            pipeline.accounting.model_started(model)
+            pipeline.accounting.model_started(request.model)
             self._model_counted = True
         plan = self.plan
-        route = Route(model, plan)
+        route = Route(request.model, plan)
         if plan is None and (not self.dry_run or not registry.candidates(model)):
             return route
         if not registry.candidates(model):
-            raise errors.no_ready_pod(model, pipeline.retry_after)
+            raise errors.no_ready_pod(request.model, pipeline.retry_after)
         for producer in pipeline.producers:
             if self.dry_run or (plan is not None and producer.wanted(plan)):
                 prepared = await producer.prepare(request, dry_run=self.dry_run)
@@ -214,19 +229,25 @@ class Ticket:
         # After the last wait: candidates as they are now (a pod may have left meanwhile).
         pods = registry.candidates(model)
         if not pods:
-            raise errors.no_ready_pod(model, pipeline.retry_after)
+            raise errors.no_ready_pod(request.model, pipeline.retry_after)
         started = time.perf_counter()
         now = time.monotonic()
+        snapshots = pipeline.snapshots.take(model, pods, now)
+        subset = self.head.subset
+        if subset is not None:
+            snapshots = tuple(p for p in snapshots if p.address in subset)
+            if not snapshots:
+                raise errors.no_endpoint_in_subset(pipeline.retry_after)
         ctx = RoutingContext(
             key=self.key,
-            model=model,
+            model=request.model,
             user=self.head.user,
             now=now,
             prompt_tokens=request.prompt_tokens,
             prompt_tokens_exact=request.token_ids is not None,
             max_tokens=request.max_tokens,
             stream=request.stream,
-            pods=pipeline.snapshots.take(model, pods, now),
+            pods=snapshots,
             rng=random.Random() if self.dry_run else pipeline.rng,
         )
         for producer, prepared in self._prepared:
@@ -236,6 +257,8 @@ class Ticket:
             return route
         decision = route.decision = decide(plan, ctx, pipeline.plans.fallback, self.request_id)
         pod = route.pod = ctx.pods[decision.index]
+        ranked = decision.ranked()[: 1 + pipeline.fallback_endpoints]
+        route.endpoints = tuple(ctx.pods[i].address for i in ranked)
         if self.dry_run:
             return route
         self._claim = pipeline.accounting.claim(
@@ -251,6 +274,25 @@ class Ticket:
         self.decision_seconds = time.perf_counter() - started
         telemetry.observe_decision(plan.metric_label, self.decision_seconds)
         return route
+
+    def served_by(self, address: str) -> None:
+        """The gateway reports the endpoint that really served (it may have tried the next one
+        of the list): the request's accounting moves there."""
+        route = self.route_result
+        if route is None or route.pod is None or route.pod.address == address:
+            return
+        if self._claim is None or self._claim.released or route.ctx is None:
+            return
+        pipeline = self._pipeline
+        served = next((p for p in pipeline.registry.pods() if p.address == address), None)
+        if served is None:
+            return  # not a pod of ours: keep the accounting where it is
+        snapshot = pipeline.snapshots.of(served, time.monotonic())
+        self._claim.release()
+        self._claim = pipeline.accounting.claim(
+            served.name, pipeline.readings.get(served.name), route.ctx.prompt_tokens
+        )
+        route.pod = snapshot
 
     # -- response ------------------------------------------------------------------------------
 

@@ -40,7 +40,8 @@ class Plan:
 
 
 class Plans:
-    def __init__(self, settings: RoutingSettings) -> None:
+    def __init__(self, settings: RoutingSettings, default: str | None = None) -> None:
+        """``default`` stands in when ``settings`` names no default strategy."""
         self._header = settings.strategy_header
         self.strategies = registry.build_all(settings.strategies)
         self.fallback = self.strategies[registry.FALLBACK]
@@ -49,7 +50,7 @@ class Plans:
         self._finished_hooks = [s for s in instances if overrides(s, "on_finished")]
         self._forget_hooks = [s for s in instances if overrides(s, "forget_pod")]
         self._cache: OrderedDict[str, Plan] = OrderedDict()
-        value = settings.default_strategy
+        value = settings.default_strategy or default
         self.default = self.parse(value) if value else None
 
     def parse(self, value: str, *, remember: bool = True) -> Plan:

@@ -53,6 +53,10 @@ class Snapshots:
             current.frozen = tuple(current.snapshots)
         return current.frozen
 
+    def of(self, pod: Pod, now: float) -> PodSnapshot:
+        """One pod's snapshot, outside any model's set."""
+        return self._make(pod, now)
+
     def forget(self, name: str) -> None:
         """A pod left: drop every set it was in (the next decision rebuilds them)."""
         for model in [m for m, s in self._models.items() if name in s.position]:
