@@ -22,13 +22,14 @@ from extproc.config import ConfigError, Settings
 from extproc.debug import service as debug_service
 from extproc.debug.v1 import debug_pb2_grpc
 from extproc.discovery.static import StaticDiscovery
-from extproc.envoy.exchange import Exchange, ExchangeServices
+from extproc.envoy.exchange import Exchange, ExchangeServices, Interim
 from extproc.envoy.servicer import ExternalProcessor
 from extproc.fleet.models_list import ModelsList
 from extproc.fleet.registry import PodRegistry
 from extproc.prefix import producer as prefix_producer
 from extproc.routing.access_log import AccessLog
 from extproc.routing.accounting import Accounting
+from extproc.routing.holds import Holds
 from extproc.routing.pipeline import Pipeline
 from extproc.routing.plans import Plans
 from extproc.scraping.readings import Readings
@@ -74,6 +75,7 @@ class Server:
         self.limiter = RateLimiter(users, self.users, self.telemetry, routing.user_header)
         self.users_api = UsersApi(users, self.users, self.telemetry)
         self.prefix = prefix_producer.build(settings.prefix, self.registry, self.telemetry)
+        self.holds = Holds(settings.autoscaling, self.registry, routing.retry_after_seconds)
         self.pipeline = Pipeline(
             routing,
             registry=self.registry,
@@ -82,6 +84,7 @@ class Server:
             plans=self.plans,
             producers=[self.prefix],
             limiter=self.limiter,
+            holds=self.holds,
             telemetry=self.telemetry,
             access_log=AccessLog(settings.logging.prompts),
             any_model=picker,
@@ -130,8 +133,8 @@ class Server:
         self.registry.on_removed(self._forget_pod)
         self.scraper = Scraper(settings.scraping, self.registry, self.readings, self.telemetry)
 
-    def new_exchange(self) -> Exchange:
-        return Exchange(self.exchange_services)
+    def new_exchange(self, interim: Interim | None = None) -> Exchange:
+        return Exchange(self.exchange_services, interim)
 
     async def start(self) -> None:
         settings = self.settings.server

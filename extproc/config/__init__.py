@@ -3,6 +3,7 @@
 from extproc.config.knobs import ConfigError
 from extproc.config.loader import describe, knobs, load, read_yaml
 from extproc.config.settings import (
+    AutoscalingSettings,
     DiscoverySettings,
     KubernetesSettings,
     LoggingSettings,
@@ -15,6 +16,7 @@ from extproc.config.settings import (
 )
 
 __all__ = [
+    "AutoscalingSettings",
     "ConfigError",
     "DiscoverySettings",
     "KubernetesSettings",

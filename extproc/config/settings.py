@@ -450,6 +450,29 @@ class KubernetesSettings:
 
 
 @dataclass(frozen=True)
+class AutoscalingSettings:
+    """What the server does for models scaled to zero, and the signals it exports."""
+
+    hold_requests: int = knob(
+        100,
+        "requests held per model while a known model has no ready pod (scale from zero); "
+        "beyond it, 503 at once; 0 turns holding off",
+        name="hold_requests",
+    )
+    hold_timeout: float = knob(
+        60.0,
+        "longest a request is held waiting for a model's first ready pod, then 503 with "
+        "Retry-After; keep Envoy's ext_proc max_message_timeout above it",
+        name="hold_timeout",
+    )
+
+    def __post_init__(self) -> None:
+        if self.hold_requests < 0:
+            raise ConfigError("hold_requests", "must be >= 0")
+        _positive(self, "hold_timeout")
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     format: Literal["text", "json"] = knob(
         "text",
@@ -475,6 +498,7 @@ SECTIONS: dict[str, type] = {
     "prefix": PrefixSettings,
     "users": UsersSettings,
     "kubernetes": KubernetesSettings,
+    "autoscaling": AutoscalingSettings,
     "logging": LoggingSettings,
 }
 """YAML section name -> its settings class, in the order of the generated table."""
@@ -503,6 +527,7 @@ class Settings:
     prefix: PrefixSettings = PrefixSettings()
     users: UsersSettings = UsersSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
     logging: LoggingSettings = LoggingSettings()
 
     def __post_init__(self) -> None:

@@ -27,6 +27,8 @@ class PodFileError(ValueError):
 
 def parse_pods(document: dict[str, Any], source: str) -> list[PodSpec]:
     pods = document.get("pods")
+    if pods is None and "models" in document:
+        pods = []  # models to scale from zero, no pod yet
     if pods is None:
         raise PodFileError(f"{source}: no 'pods' list (static discovery needs one)")
     if not isinstance(pods, list):
@@ -79,11 +81,21 @@ def parse_pods(document: dict[str, Any], source: str) -> list[PodSpec]:
     return specs
 
 
-def load_pods(path: Path) -> list[PodSpec]:
+def parse_models(document: dict[str, Any], source: str) -> list[str]:
+    """The top-level ``models:`` list: models known with or without pods (scale from zero)."""
+    models = document.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise PodFileError(f"{source}: 'models' must be a list of model names")
+    return models
+
+
+def load_pods(path: Path) -> tuple[list[PodSpec], list[str]]:
+    """The file's pods and its declared models."""
     try:
-        return parse_pods(read_yaml(path), str(path))
+        document = read_yaml(path)
     except ConfigError as exc:
         raise PodFileError(str(exc).removeprefix("invalid setting config: ")) from None
+    return parse_pods(document, str(path)), parse_models(document, str(path))
 
 
 class StaticDiscovery:
@@ -99,7 +111,7 @@ class StaticDiscovery:
     def load_initial(self) -> None:
         """Load the file once at start-up; a bad file here is a start-up error."""
         self._signature = self._stat()
-        self._registry.replace_all(load_pods(self._path))
+        self._apply(*load_pods(self._path))
         log.info(
             "loaded %d pods from %s",
             len(self._registry.pods()),
@@ -119,14 +131,18 @@ class StaticDiscovery:
             return False
         self._signature = signature
         try:
-            specs = load_pods(self._path)
+            specs, models = load_pods(self._path)
         except PodFileError as exc:
             self._telemetry.discovery_errors.labels("static").inc()
             log.error("keeping the last good pod set: %s", exc, extra={"provider": "static"})
             return False
-        self._registry.replace_all(specs)
+        self._apply(specs, models)
         log.info("reloaded %d pods from %s", len(specs), self._path, extra={"provider": "static"})
         return True
+
+    def _apply(self, specs: list[PodSpec], models: list[str]) -> None:
+        self._registry.declare("static", models)
+        self._registry.replace_all(specs)
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:

@@ -28,7 +28,7 @@ a broken or hostile client of the gRPC port, and nothing it sends may claim a po
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -68,6 +68,13 @@ BodyMode = msgs.BodyMode
 NO_RESPONSES: tuple[ProcessingResponse, ...] = ()
 MODEL_PATH_PREFIX = MODELS_PATH + "/"
 INFERENCE_PREFIXES = tuple(path + "/" for path in INFERENCE_PATHS)
+
+
+Interim = Callable[[ProcessingResponse], Awaitable[None]]
+"""Sends a message to Envoy before the answer to the current one (a timeout extension)."""
+HOLD_MARGIN = 5.0
+"""Seconds added to the hold timeout when asking Envoy to wait: the 503 that ends a hold
+must reach Envoy before its own timeout does."""
 
 
 class ProtocolViolation(Exception):
@@ -111,6 +118,7 @@ class Exchange:
         "_echo_response",
         "_held_chunks",
         "_hold_headers",
+        "_interim",
         "_services",
         "_skip_response",
         "_status",
@@ -120,8 +128,9 @@ class Exchange:
         "state",
     )
 
-    def __init__(self, services: ExchangeServices) -> None:
+    def __init__(self, services: ExchangeServices, interim: Interim | None = None) -> None:
         self._services = services
+        self._interim = interim
         self.state = State.HEADERS
         self.request_id = ""
         self._ticket: Ticket | None = None
@@ -299,7 +308,7 @@ class Exchange:
         services = self._services
         ticket = self._ticket
         assert ticket is not None
-        route = await ticket.route(body)
+        route = await ticket.route(body, self._extend_timeout)
         headers = [
             msgs.fixed_header(MODEL, route.model.encode()),
             msgs.header(REQUEST_ID, self.request_id.encode()),
@@ -333,6 +342,10 @@ class Exchange:
         if trailers:
             responses.append(msgs.CONTINUE_REQUEST_TRAILERS)
         return responses
+
+    async def _extend_timeout(self, hold_seconds: float) -> None:
+        if self._interim is not None:
+            await self._interim(msgs.extend_timeout(hold_seconds + HOLD_MARGIN))
 
     # -- response ------------------------------------------------------------------------------
 

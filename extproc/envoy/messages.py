@@ -23,6 +23,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     TrailersResponse,
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.errors import GatewayError
@@ -189,6 +190,14 @@ def response_headers(
         response_headers=HeadersResponse(response=CommonResponse(header_mutation=header_mutation)),
         mode_override=mode,
     )
+
+
+def extend_timeout(seconds: float) -> ProcessingResponse:
+    """Ask Envoy to wait up to ``seconds`` for the answer it is waiting for (up to the
+    filter's ``max_message_timeout``): sent before a request is held for a model's first pod."""
+    timeout = Duration()
+    timeout.FromNanoseconds(int(seconds * 1e9))
+    return ProcessingResponse(override_message_timeout=timeout)
 
 
 def immediate(

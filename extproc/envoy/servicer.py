@@ -8,9 +8,9 @@ from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
-from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 
-from extproc.envoy.exchange import Exchange, ProtocolViolation
+from extproc.envoy.exchange import Exchange, Interim, ProtocolViolation
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,15 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
     the task, a message out of order, or an unexpected exception here.
     """
 
-    def __init__(self, new_exchange: Callable[[], Exchange], telemetry: Telemetry) -> None:
+    def __init__(self, new_exchange: Callable[[Interim], Exchange], telemetry: Telemetry) -> None:
         self._new_exchange = new_exchange
         self._telemetry = telemetry
 
     async def Process(
         self, request_iterator: AsyncIterator[ProcessingRequest], context: Context
-    ) -> AsyncIterator[ProcessingResponse]:
+    ) -> None:
         telemetry = self._telemetry
-        exchange = self._new_exchange()
+        exchange = self._new_exchange(context.write)
         telemetry.streams.inc()
         violation: str | None = None
         try:
@@ -59,7 +59,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
                         return
                     responses = (answer,)
                 for response in responses:
-                    yield response
+                    await context.write(response)
         finally:
             telemetry.streams.dec()
             exchange.close(None if violation is None else PROTOCOL_ERROR)

@@ -97,6 +97,9 @@ class PodRegistry:
     _pods: dict[str, Pod] = field(default_factory=dict)
     _candidates: dict[str, tuple[Pod, ...]] = field(default_factory=dict)
     _models: dict[str, ModelInfo] = field(default_factory=dict)
+    _declared: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Source -> models it says exist even with no pod (a static ``models:`` list, Deployments
+    scaled to zero): requests for them wait for a pod instead of failing as unknown."""
     _change_listeners: list[Listener] = field(default_factory=list)
     _removal_listeners: list[RemovalListener] = field(default_factory=list)
 
@@ -136,6 +139,13 @@ class PodRegistry:
     def mark_loaded(self) -> None:
         self.loaded = True
 
+    def declare(self, source: str, models: Iterable[str]) -> None:
+        """Make ``models`` known on behalf of ``source`` (replacing what it declared before)."""
+        declared = frozenset(models)
+        if self._declared.get(source) != declared:
+            self._declared[source] = declared
+            self._changed()
+
     def _upsert(self, spec: PodSpec) -> bool:
         current = self._pods.get(spec.name)
         if current is not None and current.spec == spec:
@@ -165,6 +175,9 @@ class PodRegistry:
             candidates.setdefault(spec.model, []).append(pod)
             for adapter in spec.adapters:
                 candidates.setdefault(adapter, []).append(pod)
+        for declared in self._declared.values():
+            for model in declared:
+                models.setdefault(model, ModelInfo(model))
         self._candidates = {model: tuple(pods) for model, pods in candidates.items()}
         self._models = dict(sorted(models.items()))
         self.version += 1

@@ -24,7 +24,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from extproc import errors
@@ -33,6 +33,7 @@ from extproc.fleet.registry import ANY_MODEL, PodRegistry
 from extproc.routing import openai_request
 from extproc.routing.access_log import AccessLog
 from extproc.routing.accounting import Accounting, Claim
+from extproc.routing.holds import Holds
 from extproc.routing.openai_request import Endpoint, InferenceRequest
 from extproc.routing.plans import Plan, Plans
 from extproc.routing.producer import Producer
@@ -46,6 +47,8 @@ from strategies.context import Finished, PodSnapshot, RoutingContext, Usage
 
 log = logging.getLogger(__name__)
 
+OnHold = Callable[[float], Awaitable[None]]
+"""Told, before a request waits for a model's first pod, the longest it may wait."""
 UNOBSERVED = "unobserved"
 """The status of a request whose response the server chose not to see."""
 CANCELLED = "cancelled"
@@ -97,6 +100,7 @@ class Pipeline:
         plans: Plans,
         producers: Sequence[Producer],
         limiter: RateLimiter,
+        holds: Holds,
         telemetry: Telemetry,
         access_log: AccessLog,
         any_model: bool = False,
@@ -108,6 +112,7 @@ class Pipeline:
         self.plans = plans
         self.producers = tuple(producers)
         self.limiter = limiter
+        self.holds = holds
         self.telemetry = telemetry
         self.access_log = access_log
         self.snapshots = Snapshots(readings, accounting)
@@ -196,18 +201,22 @@ class Ticket:
 
     # -- route ---------------------------------------------------------------------------------
 
-    async def route(self, body: bytes) -> Route:
-        """Parse, find candidates, produce data, pick and (unless a dry run) claim."""
-        return await self.route_request(openai_request.parse(self.head.endpoint, body))
+    async def route(self, body: bytes, on_hold: OnHold | None = None) -> Route:
+        """Parse, find candidates (waiting for a first pod when the model has none: then
+        ``on_hold`` is told how long it may take), produce data, pick and (unless a dry run)
+        claim."""
+        return await self.route_request(openai_request.parse(self.head.endpoint, body), on_hold)
 
-    async def route_request(self, request: InferenceRequest) -> Route:
+    async def route_request(
+        self, request: InferenceRequest, on_hold: OnHold | None = None
+    ) -> Route:
         """``route`` for a body already parsed."""
         self.request = request
-        route = await self._route(request)
+        route = await self._route(request, on_hold)
         self.route_result = route
         return route
 
-    async def _route(self, request: InferenceRequest) -> Route:
+    async def _route(self, request: InferenceRequest, on_hold: OnHold | None) -> Route:
         pipeline = self._pipeline
         model = pipeline.candidate_key(request.model)
         registry = pipeline.registry
@@ -218,10 +227,17 @@ class Ticket:
             self._model_counted = True
         plan = self.plan
         route = Route(request.model, plan)
-        if plan is None and (not self.dry_run or not registry.candidates(model)):
-            return route
         if not registry.candidates(model):
-            raise errors.no_ready_pod(request.model, pipeline.retry_after)
+            holds = pipeline.holds
+            if self.dry_run and plan is None:
+                return route
+            if self.dry_run or not holds.may_hold(model):
+                raise errors.no_ready_pod(request.model, pipeline.retry_after)
+            if on_hold is not None:
+                await on_hold(holds.timeout)
+            await holds.wait(model)
+        if plan is None and not self.dry_run:
+            return route
         for producer in pipeline.producers:
             if self.dry_run or (plan is not None and producer.wanted(plan)):
                 prepared = await producer.prepare(request, dry_run=self.dry_run)

@@ -20,7 +20,16 @@ def stack() -> Iterator[LocalStack]:
         pods=3,
         models=("m1",),
         sim_defaults={"decode_time_base": 0.002},
-        server_args=("--max-body-bytes", "65536", "--static-reload-interval", "0.1"),
+        # A model with no ready pod is held for its first pod: briefly here, so the 503 that
+        # ends the hold comes well inside Envoy's ext_proc message timeout.
+        server_args=(
+            "--max-body-bytes",
+            "65536",
+            "--static-reload-interval",
+            "0.1",
+            "--hold-timeout",
+            "1s",
+        ),
         extra_pods=[
             {"name": "down-0", "address": "127.0.0.1:9", "model": "m-down", "ready": False}
         ],

@@ -211,7 +211,7 @@ async def expect_error(stream: Stream, status: int) -> dict[str, Any]:
 
 
 async def test_error_rows(make_server, stream_to) -> None:
-    server = await make_server(max_body_bytes="64")
+    server = await make_server(max_body_bytes="64", hold_timeout="200ms")
 
     stream = stream_to(server)
     await stream.send(ep.request_headers(headers={"routing-strategy": "fastest"}))
@@ -236,6 +236,9 @@ async def test_error_rows(make_server, stream_to) -> None:
             orjson.dumps({"model": "m2", "messages": [{"role": "user", "content": "x"}]})
         )
     )
+    # m2 is known but has no ready pod: held for its first pod (Envoy told to wait), then 503
+    (extension,) = await stream.read()
+    assert extension.HasField("override_message_timeout")
     error = await expect_error(stream, 503)
     assert error["headers"]["retry-after"] == "2"
 

@@ -37,6 +37,9 @@ async def exchange(server: Server, *messages: ProcessingRequest) -> list[Process
             await call.write(message)
             answer = await asyncio.wait_for(call.read(), 5)
             assert isinstance(answer, ProcessingResponse)
+            if answer.HasField("override_message_timeout"):  # held for a first pod
+                answer = await asyncio.wait_for(call.read(), 5)
+                assert isinstance(answer, ProcessingResponse)
             answers.append(answer)
             if answer.HasField("immediate_response"):
                 break
@@ -62,6 +65,7 @@ async def server(fake_api: FakeApiServer, kubeconfig: Path) -> AsyncIterator[Ser
             "manage_httproutes": True,
             "lease_duration": 2,
             "routing_strategy": "random",
+            "hold_timeout": "200ms",
             "host": "127.0.0.1",
             "port": free_port(),
             "http_port": free_port(),

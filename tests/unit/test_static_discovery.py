@@ -27,7 +27,7 @@ pods:
 def test_design_example_loads(tmp_path: Path) -> None:
     file = tmp_path / "pods.yaml"
     file.write_text(GOOD)
-    specs = load_pods(file)
+    specs, _ = load_pods(file)
     assert [s.name for s in specs] == ["vllm-0", "vllm-1"]
     assert specs[0].adapters == {"sql-lora"}
     assert specs[0].effective_metrics_url == "http://127.0.0.1:9001/metrics"

@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from extproc.config import PrefixSettings, RoutingSettings, UsersSettings
+from extproc.config import AutoscalingSettings, PrefixSettings, RoutingSettings, UsersSettings
 from extproc.fleet.registry import PodRegistry, PodSpec
 from extproc.prefix.index import PrefixIndex
 from extproc.prefix.producer import PrefixProducer
 from extproc.prefix.tokenizers import CharacterTokenizer
 from extproc.routing.access_log import AccessLog
 from extproc.routing.accounting import Accounting
+from extproc.routing.holds import Holds
 from extproc.routing.openai_request import Endpoint, InferenceRequest
 from extproc.routing.pipeline import Outcome, Pipeline, RequestHead
 from extproc.routing.plans import Plans
@@ -84,6 +85,7 @@ def _pipeline(pods: int, now: float) -> tuple[Pipeline, PrefixProducer]:
         plans=Plans(RoutingSettings()),
         producers=[prefix],
         limiter=RateLimiter(UsersSettings(), MemoryUserStore(), telemetry, "user"),
+        holds=Holds(AutoscalingSettings(), registry, 2),
         telemetry=telemetry,
         access_log=AccessLog(False),
         seed=1,
