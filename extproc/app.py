@@ -24,6 +24,7 @@ from extproc.debug.v1 import debug_pb2_grpc
 from extproc.discovery.static import StaticDiscovery
 from extproc.envoy.exchange import Exchange, ExchangeServices, Interim
 from extproc.envoy.servicer import ExternalProcessor
+from extproc.fleet.health import PodHealth
 from extproc.fleet.models_list import ModelsList
 from extproc.fleet.registry import PodRegistry
 from extproc.prefix import producer as prefix_producer
@@ -76,6 +77,7 @@ class Server:
         self.users_api = UsersApi(users, self.users, self.telemetry)
         self.prefix = prefix_producer.build(settings.prefix, self.registry, self.telemetry)
         self.holds = Holds(settings.autoscaling, self.registry, routing.retry_after_seconds)
+        self.pod_health = PodHealth(settings.health, self.registry, self.telemetry)
         self.pipeline = Pipeline(
             routing,
             registry=self.registry,
@@ -85,6 +87,7 @@ class Server:
             producers=[self.prefix],
             limiter=self.limiter,
             holds=self.holds,
+            health=self.pod_health,
             telemetry=self.telemetry,
             access_log=AccessLog(settings.logging.prompts),
             any_model=picker,
@@ -210,6 +213,7 @@ class Server:
         if self.cluster is not None:
             self.cluster.start()
         await self.scraper.start()
+        await self.pod_health.start()
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._set_serving(self.registry.loaded)
         if not self.registry.loaded:
@@ -244,6 +248,7 @@ class Server:
             # Open streams keep routing with live metrics until they finish or grace ends.
             await self._grpc.stop(grace)
         await self.scraper.stop()
+        await self.pod_health.stop()
         await self.prefix.close()
         for task in self._tasks:
             task.cancel()
@@ -274,6 +279,8 @@ class Server:
         self.prefix.forget_pod(name)
         self.accounting.forget(name)
         self.pipeline.snapshots.forget(name)
+        self.pod_health.forget(name)
+        self.telemetry.forget_pod(name)
 
 
 async def _flush_logs() -> None:

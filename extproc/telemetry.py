@@ -47,6 +47,7 @@ class Telemetry:
         self._decision_times: dict[str, Any] = {}
         self._fallback_counts: dict[tuple[str, str], Any] = {}
         self._scrape_error_reasons: dict[str, set[str]] = {}
+        self._ejection_reasons: dict[str, set[str]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         process_collector.ProcessCollector(registry=self.registry)
         platform_collector.PlatformCollector(registry=self.registry)
@@ -124,6 +125,12 @@ class Telemetry:
             "extproc_discovery_errors",
             "Discovery updates rejected (the last good pod set is kept).",
             ["provider"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "extproc_pod_ejections",
+            "Pods taken out of rotation by outlier detection, by reason (5xx, unreachable).",
+            ["pod", "reason"],
             registry=r,
         )
         self.protocol_errors = Counter(
@@ -206,10 +213,16 @@ class Telemetry:
         self._scrape_error_reasons.setdefault(pod, set()).add(reason)
         self.scrape_errors.labels(pod, reason).inc()
 
+    def count_ejection(self, pod: str, reason: str) -> None:
+        self._ejection_reasons.setdefault(pod, set()).add(reason)
+        self.ejections.labels(pod, reason).inc()
+
     def forget_pod(self, pod: str) -> None:
         """A pod left: its per-pod series go with it, so pod churn does not grow /metrics."""
         for reason in self._scrape_error_reasons.pop(pod, ()):
             self.scrape_errors.remove(pod, reason)
+        for reason in self._ejection_reasons.pop(pod, ()):
+            self.ejections.remove(pod, reason)
 
     def watch_fleet(self, pods: PodRegistry, readings: Readings, accounting: Accounting) -> None:
         self.registry.register(FleetCollector(pods, readings, accounting))

@@ -5,6 +5,7 @@ from extproc.config.loader import describe, knobs, load, read_yaml
 from extproc.config.settings import (
     AutoscalingSettings,
     DiscoverySettings,
+    HealthSettings,
     KubernetesSettings,
     LoggingSettings,
     PrefixSettings,
@@ -19,6 +20,7 @@ __all__ = [
     "AutoscalingSettings",
     "ConfigError",
     "DiscoverySettings",
+    "HealthSettings",
     "KubernetesSettings",
     "LoggingSettings",
     "PrefixSettings",

@@ -450,6 +450,41 @@ class KubernetesSettings:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    """Outlier detection: pods that fail are taken out of rotation for a while."""
+
+    consecutive_failures: int = knob(
+        3,
+        "5xx answers in a row that eject a pod (a pod that cannot be reached at all, told by "
+        "Envoy's response code details or a failed /health check, is ejected at once); 0 turns "
+        "ejection off",
+        name="eject_after_failures",
+    )
+    base_ejection: float = knob(
+        1.0,
+        "first ejection's length; each ejection in a row doubles it",
+        name="base_ejection",
+    )
+    max_ejection: float = knob(30.0, "longest ejection", name="max_ejection")
+    probe_timeout: float = knob(
+        0.5,
+        "timeout of the /health check made when a pod fails, and while it is ejected for "
+        "being unreachable (a passing check brings it back early)",
+        name="health_probe_timeout",
+    )
+    probe_interval: float = knob(
+        1.0, "how often an unreachable ejected pod's /health is checked", name="probe_interval"
+    )
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 0:
+            raise ConfigError("consecutive_failures", "must be >= 0")
+        _positive(self, "base_ejection", "max_ejection", "probe_timeout", "probe_interval")
+        if self.max_ejection < self.base_ejection:
+            raise ConfigError("max_ejection", "must be >= base_ejection")
+
+
+@dataclass(frozen=True)
 class AutoscalingSettings:
     """What the server does for models scaled to zero, and the signals it exports."""
 
@@ -498,6 +533,7 @@ SECTIONS: dict[str, type] = {
     "prefix": PrefixSettings,
     "users": UsersSettings,
     "kubernetes": KubernetesSettings,
+    "health": HealthSettings,
     "autoscaling": AutoscalingSettings,
     "logging": LoggingSettings,
 }
@@ -527,6 +563,7 @@ class Settings:
     prefix: PrefixSettings = PrefixSettings()
     users: UsersSettings = UsersSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
+    health: HealthSettings = HealthSettings()
     autoscaling: AutoscalingSettings = AutoscalingSettings()
     logging: LoggingSettings = LoggingSettings()
 

@@ -124,6 +124,7 @@ class Exchange:
         "_status",
         "_strip",
         "_ticket",
+        "_upstream",
         "request_id",
         "state",
     )
@@ -144,6 +145,7 @@ class Exchange:
         self._status = ""
         self._body_mode: int | None = None
         self._skip_response = False
+        self._upstream: bool | None = None
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -356,6 +358,9 @@ class Exchange:
             if entry.key == ":status":
                 self._status = value(entry)
                 break
+        details = _attribute(request, CODE_DETAILS)
+        if details:
+            self._upstream = details == FROM_UPSTREAM
         ticket = self._ticket
         if self.state is not State.ROUTED or ticket is None:
             return (msgs.CONTINUE_RESPONSE_HEADERS,)
@@ -403,9 +408,14 @@ class Exchange:
         stream cut by the drain)."""
         ticket = self._ticket
         if ticket is not None:
-            ticket.release(Outcome(status or self._status or CANCELLED))
+            ticket.release(Outcome(status or self._status or CANCELLED, self._upstream))
 
 
+CODE_DETAILS = "response.code_details"
+"""Envoy's attribute saying where a response came from (sent when the filter lists it in
+``response_attributes``): ``via_upstream`` from the pod, anything else from Envoy itself
+(``upstream_reset_before_response_started{connection_failure}``, ...)."""
+FROM_UPSTREAM = "via_upstream"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 SERVED_ENDPOINT = "x-gateway-destination-endpoint-served"
@@ -434,3 +444,11 @@ def _metadata_string(request: ProcessingRequest, namespace: str, key: str) -> st
         return ""
     served: str = struct.fields[key].string_value
     return served.partition(",")[0].strip()
+
+
+def _attribute(request: ProcessingRequest, name: str) -> str:
+    for struct in request.attributes.values():
+        if name in struct.fields:
+            found: str = struct.fields[name].string_value
+            return found
+    return ""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 
 from extproc import errors
 from extproc.config import RoutingSettings
+from extproc.fleet.health import STATUS, UNREACHABLE, PodHealth
 from extproc.fleet.registry import ANY_MODEL, PodRegistry
 from extproc.routing import openai_request
 from extproc.routing.access_log import AccessLog
@@ -87,6 +87,9 @@ class Outcome:
     status: str
     """The response's HTTP status, or ``cancelled`` (the stream ended first) or
     ``unobserved`` (the response was not shown to the server)."""
+    upstream: bool | None = None
+    """Whether the response came from the pod (False: Envoy answered itself, the pod could
+    not be reached); None when Envoy did not say (its ``response.code_details``)."""
 
 
 class Pipeline:
@@ -101,6 +104,7 @@ class Pipeline:
         producers: Sequence[Producer],
         limiter: RateLimiter,
         holds: Holds,
+        health: PodHealth,
         telemetry: Telemetry,
         access_log: AccessLog,
         any_model: bool = False,
@@ -113,6 +117,7 @@ class Pipeline:
         self.producers = tuple(producers)
         self.limiter = limiter
         self.holds = holds
+        self.health = health
         self.telemetry = telemetry
         self.access_log = access_log
         self.snapshots = Snapshots(readings, accounting)
@@ -254,6 +259,7 @@ class Ticket:
             snapshots = tuple(p for p in snapshots if p.address in subset)
             if not snapshots:
                 raise errors.no_endpoint_in_subset(pipeline.retry_after)
+        snapshots = pipeline.health.usable(snapshots, now)
         ctx = RoutingContext(
             key=self.key,
             model=request.model,
@@ -362,6 +368,7 @@ class Ticket:
         claim.release()
         now = time.monotonic()
         pod = route.pod
+        _judge(pipeline.health, pod.name, outcome)
         pipeline.plans.finished(
             Finished(
                 key=self.key,
@@ -416,5 +423,12 @@ class Ticket:
         return usage
 
 
-def new_request_id() -> str:
-    return os.urandom(16).hex()
+def _judge(health: PodHealth, pod: str, outcome: Outcome) -> None:
+    """What the outcome says about the pod that served it."""
+    status = outcome.status
+    if not status.isdigit():
+        return  # cancelled, unobserved: no verdict on the pod
+    if status[0] == "5":
+        health.failed(pod, UNREACHABLE if outcome.upstream is False else STATUS)
+    else:
+        health.succeeded(pod)

@@ -22,7 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from extproc.config import AutoscalingSettings, PrefixSettings, RoutingSettings, UsersSettings
+from extproc.config import (
+    AutoscalingSettings,
+    HealthSettings,
+    PrefixSettings,
+    RoutingSettings,
+    UsersSettings,
+)
+from extproc.fleet.health import PodHealth
 from extproc.fleet.registry import PodRegistry, PodSpec
 from extproc.prefix.index import PrefixIndex
 from extproc.prefix.producer import PrefixProducer
@@ -86,6 +93,7 @@ def _pipeline(pods: int, now: float) -> tuple[Pipeline, PrefixProducer]:
         producers=[prefix],
         limiter=RateLimiter(UsersSettings(), MemoryUserStore(), telemetry, "user"),
         holds=Holds(AutoscalingSettings(), registry, 2),
+        health=PodHealth(HealthSettings(), registry, telemetry),
         telemetry=telemetry,
         access_log=AccessLog(False),
         seed=1,
