@@ -41,6 +41,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from extproc import errors
 from extproc.envoy import messages as msgs
 from extproc.envoy.headers import (
+    CONTENT_LENGTH,
     DESTINATION_ENDPOINT,
     MODEL,
     POD_NAME,
@@ -114,6 +115,7 @@ class Exchange:
         "_body_chunks",
         "_body_mode",
         "_body_size",
+        "_chunks_seen",
         "_duplex",
         "_echo_response",
         "_held_chunks",
@@ -138,6 +140,7 @@ class Exchange:
         self._strip: list[str] = []
         self._body_chunks: list[bytes] = []
         self._body_size = 0
+        self._chunks_seen = 0
         self._duplex = False
         self._echo_response = False
         self._hold_headers = False
@@ -281,6 +284,7 @@ class Exchange:
         if state is not State.BODY:
             raise ProtocolViolation("request_body received after the request was routed")
         chunk = message.body
+        self._chunks_seen += 1
         self._body_size += len(chunk)
         limit = self._services.max_body_bytes
         if self._body_size > limit:
@@ -333,12 +337,21 @@ class Exchange:
         self.state = State.ROUTED
         if self._skip_response:
             self._status = UNOBSERVED
+        # The whole body is still ours to change only when Envoy sent it in one message, or
+        # when this exchange hands it back itself (full duplex).
+        rewritable = self._duplex or (not self._hold_headers and self._chunks_seen <= 1)
+        sent = ticket.ask_pod_for_usage(body) if rewritable and not self._skip_response else None
+        if sent is not None:
+            headers.append(msgs.header(CONTENT_LENGTH, str(len(sent)).encode()))
         mutation = msgs.mutation(headers, self._strip)
         if not self._hold_headers:
-            return (msgs.request_body(mutation, clear_route_cache=True, metadata=metadata),)
+            return (
+                msgs.request_body(mutation, clear_route_cache=True, metadata=metadata, body=sent),
+            )
         responses = [msgs.request_headers(mutation, clear_route_cache=True, metadata=metadata)]
         if self._duplex:
-            responses.extend(msgs.streamed_request_body(body, end_of_stream=not trailers))
+            outgoing = body if sent is None else sent
+            responses.extend(msgs.streamed_request_body(outgoing, end_of_stream=not trailers))
         else:
             responses.extend([msgs.CONTINUE_REQUEST_BODY] * (self._held_chunks + (not trailers)))
         if trailers:
@@ -380,10 +393,14 @@ class Exchange:
         return (msgs.response_headers(msgs.mutation(headers)),)
 
     def _on_response_body(self, message: HttpBody) -> Sequence[ProcessingResponse]:
+        replaced = None
         if self.state is State.ROUTED and self._ticket is not None:
-            self._ticket.feed(message.body)
+            replaced = self._ticket.feed(message.body, message.end_of_stream)
         if self._echo_response:
-            return (msgs.streamed_response_body(message.body, message.end_of_stream),)
+            body = message.body if replaced is None else replaced
+            return (msgs.streamed_response_body(body, message.end_of_stream),)
+        if replaced is not None:
+            return (msgs.replaced_response_body(replaced),)
         return (msgs.CONTINUE_RESPONSE_BODY,)
 
     # -- errors and the end --------------------------------------------------------------------

@@ -15,6 +15,7 @@ DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
 """Gateway API Inference Extension: the chosen endpoint (then fallbacks), ``ip:port[,...]``."""
 REQUEST_ID = "x-request-id"
 MODEL = "model"
+CONTENT_LENGTH = "content-length"
 ROUTING_HEADERS = frozenset({TARGET_POD, DESTINATION_ENDPOINT, POD_NAME})
 """Headers only the server may set: a client's copies are removed (an open proxy otherwise)."""
 

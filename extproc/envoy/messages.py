@@ -109,11 +109,15 @@ def request_body(
     header_mutation: HeaderMutation | None = None,
     clear_route_cache: bool = False,
     metadata: Struct | None = None,
+    body: bytes | None = None,
 ) -> ProcessingResponse:
+    """The answer to a buffered body; ``body`` replaces it."""
     return ProcessingResponse(
         request_body=BodyResponse(
             response=CommonResponse(
-                header_mutation=header_mutation, clear_route_cache=clear_route_cache
+                header_mutation=header_mutation,
+                clear_route_cache=clear_route_cache,
+                body_mutation=None if body is None else BodyMutation(body=body),
             )
         ),
         dynamic_metadata=metadata,

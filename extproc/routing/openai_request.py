@@ -46,6 +46,8 @@ class InferenceRequest:
     model: str
     stream: bool = False
     include_usage: bool = False
+    stream_options: bool = False
+    """The body has a ``stream_options`` object (possibly without ``include_usage``)."""
     max_tokens: int | None = None
     messages: list[tuple[str, str]] | None = None
     text: str | None = None
@@ -99,6 +101,7 @@ def parse(endpoint: Endpoint, body: bytes) -> InferenceRequest:
         if include is not None and not isinstance(include, bool):
             raise _wrong_type("stream_options.include_usage", "a boolean", include)
         request.include_usage = bool(include)
+        request.stream_options = True
     for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = document.get(key)
         if value is None:
@@ -238,3 +241,22 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object"
+
+
+USAGE_REQUEST = b',"stream_options":{"include_usage":true}'
+USAGE_ENDPOINTS = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
+
+
+def with_usage_requested(body: bytes, request: InferenceRequest) -> bytes | None:
+    """``body`` asking the pod to end its stream with a usage event, for a streamed request
+    whose client did not ask for one (``None`` when nothing needs changing). Only
+    ``stream_options`` changes; the rest of the body keeps its bytes unless the client sent
+    ``stream_options`` of its own, which is then merged and the body written anew."""
+    if not request.stream or request.include_usage or request.endpoint not in USAGE_ENDPOINTS:
+        return None
+    if request.stream_options:
+        document = orjson.loads(body)
+        document["stream_options"] = {**document["stream_options"], "include_usage": True}
+        return orjson.dumps(document)
+    end = body.rstrip().rfind(b"}")
+    return body[:end] + USAGE_REQUEST + body[end:]

@@ -39,7 +39,7 @@ from extproc.routing.plans import Plan, Plans
 from extproc.routing.producer import Producer
 from extproc.routing.scoring import Decision, decide
 from extproc.routing.snapshots import Snapshots
-from extproc.routing.usage import UsageReader
+from extproc.routing.usage import UsageReader, UsageStripper
 from extproc.scraping.readings import Readings
 from extproc.telemetry import Telemetry
 from extproc.users.ratelimit import RateLimiter
@@ -154,6 +154,7 @@ class Ticket:
         "_prepared",
         "_reader",
         "_released",
+        "_stripper",
         "decision_seconds",
         "dry_run",
         "first_byte_at",
@@ -180,6 +181,7 @@ class Ticket:
         self._claim: Claim | None = None
         self._prepared: list[tuple[Producer, object]] = []
         self._reader: UsageReader | None = None
+        self._stripper: UsageStripper | None = None
         self._model_counted = False
         self._released = False
 
@@ -318,17 +320,40 @@ class Ticket:
 
     # -- response ------------------------------------------------------------------------------
 
+    def ask_pod_for_usage(self, body: bytes) -> bytes | None:
+        """The body to send instead, asking the pod for a usage event the client did not ask
+        for, when this request's usage is needed (``None``: send it as it is). The event is
+        taken out of the response again (``feed``)."""
+        request = self.request
+        if request is None or self.dry_run or not self.needs_usage:
+            return None
+        rewritten = openai_request.with_usage_requested(body, request)
+        if rewritten is not None:
+            self._stripper = UsageStripper()
+        return rewritten
+
     def response_started(self, status: str) -> bool:
-        """The response headers arrived; true when its body must be fed for token usage."""
+        """The response headers arrived; true when its body must be fed (for token usage, or
+        to take out the usage event the server asked for)."""
         self.first_byte_at = time.monotonic()
         if self.needs_usage and status.startswith("2") and self.request is not None:
             self._reader = UsageReader(streaming=self.request.stream)
             return True
+        self._stripper = None
         return False
 
-    def feed(self, chunk: bytes) -> None:
-        if self._reader is not None:
-            self._reader.feed(chunk)
+    def feed(self, chunk: bytes, end_of_stream: bool = False) -> bytes | None:
+        """Read a response body chunk; returns what to send on instead of it, or ``None`` to
+        send it unchanged."""
+        reader = self._reader
+        if reader is None:
+            return None
+        reader.feed(chunk)
+        stripper = self._stripper
+        if stripper is None:
+            return None
+        passed = stripper.feed(chunk, end_of_stream)
+        return None if passed == chunk else passed
 
     # -- release -------------------------------------------------------------------------------
 

@@ -1,9 +1,12 @@
-"""Reading token usage from a response body as Envoy streams it to us, without changing it.
+"""Reading token usage from a response body as Envoy streams it to us.
 
 Only asked for (mode override to STREAMED) when something needs tokens: a strategy that counts
 them, or a user with a TPM limit. A JSON answer carries ``usage`` near its end; a stream carries
-it in its last event only when the client asked (``stream_options.include_usage``). Without it the
-usage is estimated from the stream and marked ``estimated``.
+it in its last event only when the client asked (``stream_options.include_usage``). When the
+client did not ask, the server asks the pod for it (``with_usage_requested``) and
+``UsageStripper`` takes that one event out of the stream again, so the client receives exactly
+the bytes it would have received; every other byte passes unchanged. Only where the pod cannot
+report (the body could not be rewritten) is the usage estimated, and marked ``estimated``.
 """
 
 from __future__ import annotations
@@ -129,3 +132,61 @@ def _usage(value: object) -> Usage | None:
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return Usage(prompt_tokens=prompt, completion_tokens=completion)
+
+
+class UsageStripper:
+    """Removes the usage event the server asked for from a stream of server-sent events.
+
+    Events end with a blank line; an event cut across chunks is held back until it is whole (it
+    may be the usage event), so chunk boundaries move but the bytes do not change. The stream's
+    usage event is the one whose ``choices`` is empty and whose ``usage`` is an object.
+    """
+
+    __slots__ = ("_pending", "found")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.found = False
+
+    def feed(self, chunk: bytes, end_of_stream: bool) -> bytes:
+        """What to pass on for ``chunk``."""
+        data = self._pending + chunk if self._pending else chunk
+        if self.found:
+            self._pending = b""
+            return data
+        cut = data.rfind(_EVENT_END) + len(_EVENT_END)
+        if end_of_stream:
+            cut = len(data)
+        elif cut < len(_EVENT_END):
+            self._pending = data
+            return b""
+        complete, self._pending = data[:cut], data[cut:]
+        if _USAGE_KEY not in complete:
+            return complete
+        kept = []
+        for event in complete.split(_EVENT_END):
+            if not self.found and _is_usage_event(event):
+                self.found = True
+                continue
+            kept.append(event)
+        return _EVENT_END.join(kept)
+
+
+_EVENT_END = b"\n\n"
+
+
+def _is_usage_event(event: bytes) -> bool:
+    if _USAGE_KEY not in event:
+        return False
+    payload = event.strip()
+    if not payload.startswith(_EVENT):
+        return False
+    try:
+        document = orjson.loads(payload[len(_EVENT) :])
+    except orjson.JSONDecodeError:
+        return False
+    return (
+        isinstance(document, dict)
+        and document.get("choices") == []
+        and isinstance(document.get("usage"), dict)
+    )

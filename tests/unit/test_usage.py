@@ -97,3 +97,46 @@ def test_nothing_seen_and_garbage() -> None:
     long_stream = UsageReader(streaming=True)
     long_stream.feed(b"x" * (TAIL_BYTES * 3))
     assert long_stream.result(0) is not None
+
+
+USAGE_EVENT = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+TOKENS = b'data: {"id":"c","choices":[{"delta":{"content":"usage"}}]}\n\n' * 3
+
+
+@pytest.mark.parametrize("size", [1, 5, 13, 64, 10_000])
+def test_the_usage_event_the_server_asked_for_is_taken_out(size: int) -> None:
+    from extproc.routing.usage import UsageStripper
+
+    stream = TOKENS + USAGE_EVENT + b"data: [DONE]\n\n"
+    stripper = UsageStripper()
+    pieces = chunks(stream, size)
+    out = b"".join(stripper.feed(p, i == len(pieces) - 1) for i, p in enumerate(pieces))
+    assert out == TOKENS + b"data: [DONE]\n\n"
+    assert stripper.found
+
+
+def test_only_an_event_with_empty_choices_and_a_usage_object_is_taken() -> None:
+    from extproc.routing.usage import UsageStripper
+
+    lookalike = b'data: {"choices":[{"delta":{"content":"\\"usage\\": {}"}}],"usage":null}\n\n'
+    stripper = UsageStripper()
+    assert stripper.feed(lookalike, True) == lookalike
+    assert not stripper.found
+
+
+def test_a_streamed_request_asks_the_pod_for_usage() -> None:
+    from extproc.routing.openai_request import Endpoint, parse, with_usage_requested
+
+    body = b'{"model": "m", "stream": true, "prompt": "x"}'
+    rewritten = with_usage_requested(body, parse(Endpoint.COMPLETIONS, body))
+    assert rewritten == b'{"model": "m", "stream": true, "prompt": "x"' + (
+        b',"stream_options":{"include_usage":true}}'
+    )
+    asked = (
+        b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}, "prompt": "x"}'
+    )
+    assert with_usage_requested(asked, parse(Endpoint.COMPLETIONS, asked)) is None
+    plain = b'{"model": "m", "prompt": "x"}'
+    assert with_usage_requested(plain, parse(Endpoint.COMPLETIONS, plain)) is None
+    embeddings = b'{"model": "m", "stream": true, "input": "x"}'
+    assert with_usage_requested(embeddings, parse(Endpoint.EMBEDDINGS, embeddings)) is None

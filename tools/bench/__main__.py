@@ -144,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     decision.add_argument("--out", help="write the JSON result here")
 
+    usage = commands.add_parser("usage", help="per-request cost of exact token usage")
+    usage.add_argument("--requests", type=int, default=2000)
+    usage.add_argument("--tokens", type=int, default=256, help="completion tokens per answer")
+    usage.add_argument("--per-event", type=int, default=4, help="tokens per SSE event")
+    usage.add_argument("--chunk-bytes", type=int, default=1024, help="response chunk size")
+    usage.add_argument("--out", help="write the JSON result here")
+
     runner = commands.add_parser(
         "run", help="one workload against several targets on identical simulated pods"
     )
@@ -241,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             result = decision_bench.against(args.against, *shape)
         else:
             result = decision_bench.run(*shape)
+        result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
+        _write(result, args.out)
+    elif args.benchmark == "usage":
+        from tools.bench import usage as usage_bench
+
+        result = usage_bench.run(args.requests, args.tokens, args.per_event, args.chunk_bytes)
         result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
         _write(result, args.out)
     elif args.benchmark == "run":
