@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 EXT_PROC_SERVICE = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 GRPC_OVERHEAD_BYTES = 1024 * 1024
+CUT_AHEAD = 0.05
+"""How long before the drain's end the streams still open are marked as cut."""
 LIVENESS = "liveness"
 READINESS_SERVICES = ("", EXT_PROC_SERVICE, "readiness")
 """gRPC health service names that follow readiness (endpoint pickers are probed on the last
@@ -136,6 +138,8 @@ class Server:
         self.registry.on_removed(self._forget_pod)
         self.scraper = Scraper(settings.scraping, self.registry, self.readings, self.telemetry)
 
+        self.ext_proc = ExternalProcessor(self.new_exchange, self.telemetry)
+
     def new_exchange(self, interim: Interim | None = None) -> Exchange:
         return Exchange(self.exchange_services, interim)
 
@@ -157,7 +161,7 @@ class Server:
             ]
         )
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessor(self.new_exchange, self.telemetry), self._grpc
+            self.ext_proc, self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         routing = self.settings.routing
@@ -241,12 +245,28 @@ class Server:
             await self.health.set(service, status)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop taking streams, let open ones finish for ``grace`` seconds, then cancel them."""
+        """Stop taking streams, let open ones finish, cut what is still open, and be done
+        within ``grace`` seconds: the last part of it is kept for closing everything else."""
+        deadline = asyncio.get_running_loop().time() + grace
         self.draining = True
         await self._set_serving(False)
         if self._grpc is not None:
-            # Open streams keep routing with live metrics until they finish or grace ends.
-            await self._grpc.stop(grace)
+            # Open streams keep routing with live metrics until they finish or grace ends;
+            # those still open then are cut, and logged as cut just before.
+            streams_grace = max(0.0, grace - _cleanup_reserve(grace))
+            stopping = asyncio.create_task(self._grpc.stop(streams_grace))
+            await asyncio.wait({stopping}, timeout=max(0.0, streams_grace - CUT_AHEAD))
+            if not stopping.done():
+                self.ext_proc.cut_open_streams()
+            await stopping
+        remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+        try:
+            await asyncio.wait_for(self._close_the_rest(), remaining)
+        except TimeoutError:
+            log.warning("shutdown did not finish within the drain time; exiting anyway")
+        self._stopped.set()
+
+    async def _close_the_rest(self) -> None:
         await self.scraper.stop()
         await self.pod_health.stop()
         await self.prefix.close()
@@ -261,7 +281,6 @@ class Server:
         await self.limiter.stop()
         if self._http is not None:
             await self._http.cleanup()
-        self._stopped.set()
 
     async def run_until_signalled(self) -> None:
         await self.start()
@@ -288,6 +307,11 @@ async def _flush_logs() -> None:
     while True:
         await asyncio.sleep(1.0)
         logs.flush()
+
+
+def _cleanup_reserve(grace: float) -> float:
+    """The part of the drain time kept for closing connections, tasks and stores."""
+    return min(1.0, grace / 4)
 
 
 def _bracket(host: str) -> str:

@@ -1,4 +1,5 @@
-"""The ``extproc`` command: ``serve`` (the server) and ``dev`` (a whole local stack)."""
+"""The ``extproc`` command: ``serve`` (the server), ``dev`` (a whole local stack),
+``envoy-config`` (an Envoy bootstrap for it) and ``httproutes``."""
 
 from __future__ import annotations
 
@@ -73,6 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
     dev.add_argument("--routing-strategy", default=None, help="server default strategy")
     dev.add_argument("--workdir", default=None, help="where generated configs go")
+    dev.add_argument(
+        "--mode",
+        choices=("aibrix", "epp"),
+        default="aibrix",
+        help="aibrix: Envoy routes on target-pod (default); epp: the server is an InferencePool's "
+        "endpoint picker behind Envoy configured as --epp-shape generates it",
+    )
+    dev.add_argument(
+        "--epp-shape",
+        choices=("ai-gateway", "istio"),
+        default="ai-gateway",
+        help="with --mode epp: Envoy AI Gateway's wiring (ORIGINAL_DST on the destination header, "
+        "TLS to the picker) or Istio's (override_host on envoy.lb metadata, plaintext)",
+    )
+
+    envoy = commands.add_parser(
+        "envoy-config", help="print a complete Envoy bootstrap (YAML) for a plain Envoy"
+    )
+    from extproc.envoy_config import command as envoy_command
+
+    envoy_command.add_arguments(envoy)
 
     routes = commands.add_parser("httproutes", help="HTTPRoutes generated from model labels")
     routes_commands = routes.add_subparsers(dest="httproutes_command", required=True)
@@ -95,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from extproc.devstack import stack as devstack
 
         return devstack.run(args)
+    if args.command == "envoy-config":
+        from extproc.envoy_config import command as envoy_command
+
+        return envoy_command.run(args, list(sys.argv[1:] if argv is None else argv)[1:])
     if args.command == "httproutes":
         from extproc.kube import render_command
 

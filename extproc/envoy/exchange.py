@@ -17,8 +17,9 @@ Two conventions tell Envoy where to send the request. AIBrix (the default): ``ta
 ip:port``, which an ORIGINAL_DST cluster reads (and, when enabled, the endpoint list in
 ``x-gateway-destination-endpoint``). Endpoint picker (``mode: epp``, Gateway API Inference
 Extension): the endpoint list in ``x-gateway-destination-endpoint`` and the same value in the
-dynamic metadata ``envoy.lb``; the gateway's subset hint restricts the choice, and the endpoint
-that really served, reported back in the response metadata, takes the request's accounting.
+dynamic metadata ``envoy.lb``; the gateway's subset hint restricts the choice. In both, the
+endpoint that really served (Envoy may have retried the next of the list), when the response
+metadata reports it, takes the request's accounting.
 
 Messages out of order (a second request_headers, a body before any headers, a response before
 the route) end the stream with ``ProtocolViolation``: Envoy never sends them, so they come from
@@ -365,22 +366,26 @@ class Exchange:
     # -- response ------------------------------------------------------------------------------
 
     def _on_response_headers(self, request: ProcessingRequest) -> Sequence[ProcessingResponse]:
-        if self.state in (State.BODY, State.HEADERS):
-            raise ProtocolViolation("response_headers received before the request was routed")
+        if self.state is State.HEADERS:
+            raise ProtocolViolation("response_headers received before request_headers")
         for entry in request.response_headers.headers.headers:
             if entry.key == ":status":
                 self._status = value(entry)
                 break
+        if self.state is State.BODY:
+            # Envoy answered the client itself before the body was in (a chunked body over
+            # its buffer limit gets its own 413): let that reply through.
+            self.state = State.DONE
+            return (msgs.CONTINUE_RESPONSE_HEADERS,)
         details = _attribute(request, CODE_DETAILS)
         if details:
             self._upstream = details == FROM_UPSTREAM
         ticket = self._ticket
         if self.state is not State.ROUTED or ticket is None:
             return (msgs.CONTINUE_RESPONSE_HEADERS,)
-        if self._services.picker:
-            served = _metadata_string(request, msgs.LB_NAMESPACE, SERVED_ENDPOINT)
-            if served:
-                ticket.served_by(served)
+        served = _metadata_string(request, msgs.LB_NAMESPACE, SERVED_ENDPOINT)
+        if served:
+            ticket.served_by(served)
         route = ticket.route_result
         headers = [msgs.header(REQUEST_ID, self.request_id.encode())]
         if route is not None and route.pod is not None and route.plan is not None:

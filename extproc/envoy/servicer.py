@@ -16,6 +16,8 @@ from extproc.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 PROTOCOL_ERROR = "protocol_error"
+CUT = "cut"
+"""The status of a stream still open when the drain time ran out."""
 """The status a stream ended for a message out of order is counted and logged under."""
 
 Context = Any
@@ -33,13 +35,22 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
     def __init__(self, new_exchange: Callable[[Interim], Exchange], telemetry: Telemetry) -> None:
         self._new_exchange = new_exchange
         self._telemetry = telemetry
+        self._open: set[Exchange] = set()
+
+    def cut_open_streams(self) -> None:
+        """The drain time is up: release the streams still open as cut (their streams end
+        next; releasing is idempotent, so the later close changes nothing)."""
+        for exchange in list(self._open):
+            exchange.close(CUT)
 
     async def Process(
         self, request_iterator: AsyncIterator[ProcessingRequest], context: Context
     ) -> None:
         telemetry = self._telemetry
         exchange = self._new_exchange(context.write)
+        self._open.add(exchange)
         telemetry.streams.inc()
+        ended: str | None = None
         violation: str | None = None
         try:
             async for message in request_iterator:
@@ -47,6 +58,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
                     responses = await exchange.handle(message)
                 except ProtocolViolation as exc:
                     violation = str(exc)
+                    ended = PROTOCOL_ERROR
                     break
                 except Exception:
                     telemetry.internal_errors.inc()
@@ -61,8 +73,9 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
                 for response in responses:
                     await context.write(response)
         finally:
+            self._open.discard(exchange)
             telemetry.streams.dec()
-            exchange.close(None if violation is None else PROTOCOL_ERROR)
+            exchange.close(ended)
         if violation is not None:
             telemetry.protocol_errors.inc()
             log.warning(

@@ -90,3 +90,50 @@ async def test_sigterm_lets_open_streams_finish(draining_stack: LocalStack) -> N
     # It left as soon as the streams were done, not at the end of the drain timeout.
     assert time.monotonic() - signalled_at < DRAIN_SECONDS
     assert "draining" in server.tail(50)
+
+
+SHORT_DRAIN = 3.0
+
+
+@pytest.fixture
+def short_drain_stack() -> Iterator[LocalStack]:
+    config = StackConfig(
+        pods=1,
+        models=("m1",),
+        sim_defaults={"decode_time_base": 0.05},  # 2,000 tokens: far longer than the drain
+        server_args=("--drain-seconds", str(SHORT_DRAIN)),
+    )
+    with LocalStack(config) as running:
+        yield running
+
+
+async def test_streams_longer_than_the_drain_are_cut_in_time_and_logged_as_cut(
+    short_drain_stack: LocalStack,
+) -> None:
+    stack = short_drain_stack
+    server = stack.server
+    assert server is not None and server.proc is not None
+    body = {
+        "model": "m1",
+        "messages": [{"role": "user", "content": "Tell me an endless story."}],
+        "stream": True,
+        "max_tokens": 2000,
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            stack.gateway_url + "/v1/chat/completions",
+            json=body,
+            headers={"routing-strategy": "least-request", "x-request-id": "long-one"},
+        ) as response,
+    ):
+        assert response.status == 200
+        await response.content.readline()
+        signalled_at = time.monotonic()
+        server.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.proc.wait, 20)
+        exited_after = time.monotonic() - signalled_at
+    assert code == 0, server.tail()
+    assert exited_after < SHORT_DRAIN, exited_after
+    access = [line for line in server.tail(200).splitlines() if "long-one" in line]
+    assert access and "status=cut" in access[-1], access

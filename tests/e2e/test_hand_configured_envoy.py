@@ -1,6 +1,7 @@
-"""A new user's setup: an Envoy written by hand from the README (ext_proc on 127.0.0.1, an
-ORIGINAL_DST cluster on ``target-pod``, response body NONE), ``extproc serve --config pods.yaml``
-and upstreams that are not the simulator (plain HTTP servers without /metrics)."""
+"""A new user's setup: the Envoy configuration docs/envoy.md shows written by hand (ext_proc on
+127.0.0.1, an ORIGINAL_DST cluster on ``target-pod``, response body NONE), ``extproc serve
+--config pods.yaml`` and upstreams that are not the simulator (plain HTTP servers without
+/metrics)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,62 +19,30 @@ from aiohttp import web
 
 from extproc.devstack.processes import Managed, bin_path, free_port
 
-ENVOY = """
-static_resources:
-  listeners:
-  - name: gateway
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {gateway}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: gateway
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/", headers: [{{name: target-pod, present_match: true}}]}}
-                route: {{cluster: original_destination_cluster, timeout: 120s}}
-          http_filters:
-          - name: envoy.filters.http.ext_proc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              grpc_service: {{envoy_grpc: {{cluster_name: extproc}}}}
-              allow_mode_override: true
-              message_timeout: 5s
-              processing_mode:
-                request_header_mode: SEND
-                request_body_mode: BUFFERED
-                response_header_mode: SEND
-                response_body_mode: NONE
-                request_trailer_mode: SKIP
-                response_trailer_mode: SKIP
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: original_destination_cluster
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 2s
-    original_dst_lb_config: {{use_http_header: true, http_header_name: target-pod}}
-  - name: extproc
-    type: STATIC
-    connect_timeout: 2s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: extproc
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {grpc}}}}}}}
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-"""
+DOC = Path(__file__).resolve().parents[2] / "docs" / "envoy.md"
+MARKER = "<!-- hand-written envoy.yaml -->"
+DOC_PORTS = {"gateway": 8888, "grpc": 50052, "admin": 9901}
+
+
+def hand_written(ports: dict[str, int]) -> dict[str, Any]:
+    """The configuration docs/envoy.md shows, with its ports replaced by ``ports``."""
+    text = DOC.read_text()
+    block = text[text.index(MARKER) :].split("```yaml\n", 1)[1].split("```", 1)[0]
+    config: dict[str, Any] = yaml.safe_load(block)
+    by_port = {DOC_PORTS[name]: port for name, port in ports.items()}
+
+    def renumber(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("port_value") in by_port:
+                node["port_value"] = by_port[node["port_value"]]
+            for value in node.values():
+                renumber(value)
+        elif isinstance(node, list):
+            for item in node:
+                renumber(item)
+
+    renumber(config)
+    return config
 
 
 async def plain_upstream(name: str) -> tuple[web.AppRunner, int]:
@@ -111,7 +81,8 @@ async def by_hand(tmp_path: Path) -> AsyncIterator[str]:
         )
     )
     gateway, grpc, http, admin = free_port(), free_port(), free_port(), free_port()
-    (tmp_path / "envoy.yaml").write_text(ENVOY.format(gateway=gateway, grpc=grpc, admin=admin))
+    config = hand_written({"gateway": gateway, "grpc": grpc, "admin": admin})
+    (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
     server = Managed(
         "extproc",
         [
@@ -177,4 +148,7 @@ async def test_a_hand_written_envoy_routes_to_pods_that_are_not_the_simulator(by
             headers={"routing-strategy": "least-latency"},
         ) as response:
             assert response.status == 200
+        # without a strategy nothing names a pod, and this configuration has no route by model
+        async with session.post(by_hand + "/v1/chat/completions", json=body) as response:
+            assert response.status == 404
     assert set(served) == {"up-0", "up-1"}

@@ -150,16 +150,18 @@ async def test_tpm_charged_from_streams_with_and_without_usage(open_stack: Local
         "stream_options": {"include_usage": True},
     }
     without_usage = {**SEED_CHAT, "stream": True, "max_tokens": 16}
-    for name, body in (("streamer", with_usage), ("estimated", without_usage)):
+    for name, body in (("streamer", with_usage), ("not-asked", without_usage)):
         await users(open_stack, "CreateUser", {"name": name, "tpm": 10})
         status, _, payload = await chat(open_stack, name, body)
         assert status == 200
         assert payload.rstrip().endswith(b"data: [DONE]")  # the client's stream is untouched
+        assert (b'"usage"' in payload) == (body is with_usage)
         rejected = await eventually_rejected(open_stack, name, body)
         assert json.loads(rejected)["error"]["message"] == f"user: {name} has exceeded TPM: 10"
     charged = await metric_samples(open_stack, "extproc_ratelimit_charged_tokens_total")
+    # The pod reports usage for both: the server asked for it where the client did not.
     assert charged['{source="reported"}'] > 0
-    assert charged['{source="estimated"}'] > 0
+    assert charged.get('{source="estimated"}', 0) == 0
 
 
 async def test_two_servers_share_one_limit(

@@ -81,7 +81,7 @@ async def route(
 
 
 async def test_the_destination_goes_in_the_header_and_the_metadata_alike(picker) -> None:
-    server, stream = await picker()
+    server, stream = await picker(fallback_endpoints="1")
     answers = await route(stream(), chat())
     assert ep.kinds(answers) == ["request_headers", "request_body"]
     headers = headers_of(answers)
@@ -102,8 +102,8 @@ async def test_every_model_name_is_served_by_the_pool(picker) -> None:
         assert "x-gateway-destination-endpoint" in headers_of(answers)
 
 
-async def test_no_fallbacks_when_configured_so(picker) -> None:
-    _, stream = await picker(fallback_endpoints="0")
+async def test_no_fallbacks_by_default(picker) -> None:
+    _, stream = await picker()
     answers = await route(stream(), chat())
     assert "," not in headers_of(answers)["x-gateway-destination-endpoint"]
 

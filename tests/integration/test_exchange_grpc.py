@@ -101,7 +101,9 @@ async def test_client_supplied_target_is_stripped(make_server, stream_to) -> Non
 
 
 async def test_default_strategy_and_destination_endpoint_header(make_server, stream_to) -> None:
-    server = await make_server(routing_strategy="random", destination_endpoint_header=True)
+    server = await make_server(
+        routing_strategy="random", destination_endpoint_header=True, fallback_endpoints=1
+    )
     stream = stream_to(server)
     await stream.send(ep.request_headers())
     await stream.read()
