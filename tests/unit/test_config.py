@@ -138,10 +138,12 @@ def test_the_users_api_stays_on_loopback_without_a_token() -> None:
     assert config.load({"users_host": "0.0.0.0"}, {}).users.host == "0.0.0.0"
 
 
-def test_the_settings_table_is_current() -> None:
+def test_the_generated_docs_are_current() -> None:
     from tools import docgen
 
     document = docgen.CONFIGURATION.read_text()
     assert docgen.render(document) == document, "run `python -m tools.docgen` to refresh it"
     for name, *_ in config.describe():
         assert f"`{name}`" in document
+    strategies = docgen.STRATEGIES.read_text()
+    assert docgen.render_strategies(strategies) == strategies, "run `python -m tools.docgen`"
