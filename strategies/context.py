@@ -122,17 +122,17 @@ def load_estimate(in_flight: int, sent_since_scrape: int, metrics: PodMetrics | 
 
 @dataclass(frozen=True, slots=True)
 class PrefixMatches:
-    """The prompt's blocks and what each candidate is believed to cache, aligned with
+    """What each candidate caches of the prompt, in tokens, aligned with
     ``RoutingContext.pods``."""
 
     block_tokens: int
-    """Tokens per block: a match of ``n`` blocks saves ``n x block_tokens`` tokens of prefill."""
-    prompt_blocks: int
-    """Full blocks in the prompt (a trailing partial block is never cached)."""
+    """The granularity of a match: a strategy's thresholds in blocks are this many tokens."""
+    prompt_tokens: int
+    """The prompt's tokens in full blocks (a trailing partial block is never cached)."""
     matched: tuple[int, ...]
-    """Leading prompt blocks each candidate holds."""
+    """Leading prompt tokens each candidate holds."""
     held: tuple[int, ...]
-    """Blocks each candidate holds in all (where to put a prompt no pod holds yet)."""
+    """Tokens each candidate holds in all (where to put a prompt no pod holds yet)."""
     precise: tuple[bool, ...]
     """True where the pod's own KV-cache events say so; false where the server guesses from
     what it routed there."""

@@ -12,18 +12,19 @@ from strategies.selection import lower_is_better
 
 @dataclass
 class PrefixCache(Strategy):
-    """A match is the number of leading prompt blocks a candidate caches (``ctx.prefix``).
+    """A match is the leading prompt tokens a candidate caches (``ctx.prefix``): exactly, from
+    the pod's own KV-cache events, or as the server believes from what it sent there.
 
     - load imbalanced (``max_load - min_load > imbalance_abs``): least load decides;
-    - best match shorter than ``min_match_blocks`` (a miss, or a short shared preamble that
-      saves nothing): least load decides, so misses still spread, and among equally loaded
+    - best match shorter than ``min_match_blocks`` blocks (a miss, or a short shared preamble
+      that saves nothing): least load decides, so misses still spread, and among equally loaded
       pods the one believed to cache the least takes the new prefix;
     - otherwise the longest match wins; pods matching equally are ordered by load, so a hot
       prefix cached on several pods spreads over them.
 
     Scores: ``0.999 x match / best_match + 0.001 x load_score`` (the match decides, load
     breaks ties), or ``0.999 x load_score + 0.001 x room`` with ``load_score = 1 - load /
-    (max_load + 1)`` and ``room = 1 - held_blocks / (max_held_blocks + 1)``.
+    (max_load + 1)`` and ``room = 1 - held / (max_held + 1)``, ``held`` in blocks.
     """
 
     algorithm = "prefix-cache"
@@ -44,11 +45,13 @@ class PrefixCache(Strategy):
             return load_scores
         matches = prefix.matched
         best = max(matches)
-        if best < self.min_match_blocks:
-            fullest = max(prefix.held) + 1
+        block = prefix.block_tokens
+        if best < self.min_match_blocks * block:
+            held_blocks = [held // block for held in prefix.held]
+            fullest = max(held_blocks) + 1
             return [
                 0.999 * load + 0.001 * (1.0 - held / fullest)
-                for held, load in zip(prefix.held, load_scores, strict=True)
+                for held, load in zip(held_blocks, load_scores, strict=True)
             ]
         return [
             0.999 * match / best + 0.001 * load

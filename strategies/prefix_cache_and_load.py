@@ -30,10 +30,10 @@ class PrefixCacheAndLoad(Strategy):
     - ``kv_usage`` priced at ``kv_tokens``, when every candidate has a fresh reading (else left
       out): a full cache evicts, so what is sent there is soon forgotten.
 
-    On a miss (no candidate holds ``min_match_blocks``) every pod would prefill the whole
-    prompt, and ``room_tokens x held_blocks / max_held_blocks`` is added: the pod believed to
-    cache the least takes the new prefix, so distinct prefixes spread over the caches instead
-    of crowding and evicting each other on one pod.
+    On a miss (no candidate holds ``min_match_blocks`` blocks) every pod would prefill the
+    whole prompt, and ``room_tokens x held / max_held`` is added: the pod believed to cache the
+    least takes the new prefix, so distinct prefixes spread over the caches instead of crowding
+    and evicting each other on one pod.
     """
 
     algorithm = "prefix-cache-and-load"
@@ -53,12 +53,11 @@ class PrefixCacheAndLoad(Strategy):
         prefix = ctx.prefix
         assert prefix is not None, "prefix-cache-and-load consumes PREFIX"
         pods = ctx.pods
-        block = prefix.block_tokens
-        total = prefix.prompt_blocks
-        minimum = self.min_match_blocks
+        total = prefix.prompt_tokens
+        minimum = self.min_match_blocks * prefix.block_tokens
         load_tokens = self.load_tokens
         costs = [
-            (total - (matched if matched >= minimum else 0)) * block + load_tokens * pod.load
+            total - (matched if matched >= minimum else 0) + load_tokens * pod.load
             for matched, pod in zip(prefix.matched, pods, strict=True)
         ]
         if self.kv_tokens:

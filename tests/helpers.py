@@ -82,11 +82,12 @@ def prefix(
     blocks: int = 40,
     block_tokens: int = 16,
 ) -> PrefixMatches:
+    """Prefix data given in blocks (``matched``, ``held`` per pod; ``blocks`` in the prompt)."""
     return PrefixMatches(
         block_tokens=block_tokens,
-        prompt_blocks=blocks,
-        matched=tuple(matched),
-        held=tuple(held if held is not None else [0] * len(matched)),
+        prompt_tokens=blocks * block_tokens,
+        matched=tuple(m * block_tokens for m in matched),
+        held=tuple(h * block_tokens for h in (held if held is not None else [0] * len(matched))),
         precise=(False,) * len(matched),
     )
 

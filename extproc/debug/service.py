@@ -140,7 +140,7 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
             path=path,
             user=user or "",
             request_id=request_id,
-            prompt_blocks=prefix.prompt_blocks if prefix is not None else 0,
+            prompt_blocks=prefix.prompt_tokens // prefix.block_tokens if prefix is not None else 0,
             prompt_length=ctx.prompt_tokens if ctx is not None else ticket.request.prompt_tokens,
             uses_prefix=plan is not None and PREFIX in plan.consumes,
             candidates=[_candidate(ctx, i) for i in range(len(ctx.pods))] if ctx else [],
@@ -203,7 +203,7 @@ def _candidate(ctx: RoutingContext, index: int) -> pb.Candidate:
         load=pod.load,
         in_flight=pod.in_flight,
         sent_since_scrape=pod.sent_since_scrape,
-        prefix_match_blocks=prefix.matched[index] if prefix is not None else 0,
+        prefix_match_blocks=prefix.matched[index] // prefix.block_tokens if prefix else 0,
         metrics_fresh=pod.metrics is not None,
     )
 

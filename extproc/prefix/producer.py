@@ -76,11 +76,12 @@ class PrefixProducer:
         assert isinstance(prepared, Hashed)
         names = [pod.name for pod in ctx.pods]
         matched, held = self.index.lookup(prepared.hashes, names)
+        block = prepared.block_tokens
         ctx.prefix = PrefixMatches(
-            block_tokens=prepared.block_tokens,
-            prompt_blocks=len(prepared.hashes),
-            matched=tuple(matched),
-            held=tuple(held),
+            block_tokens=block,
+            prompt_tokens=len(prepared.hashes) * block,
+            matched=tuple(blocks * block for blocks in matched),
+            held=tuple(blocks * block for blocks in held),
             precise=(False,) * len(names),
         )
         if prepared.tokens is not None:
@@ -93,8 +94,10 @@ class PrefixProducer:
         if not hashes:
             return
         self.index.record(hashes, ctx.pods[index].name)
-        matched = ctx.prefix.matched[index] if ctx.prefix is not None else 0
-        self._telemetry.prefix_match_ratio.observe(matched / len(hashes))
+        prefix = ctx.prefix
+        if prefix is not None and prefix.prompt_tokens:
+            ratio = prefix.matched[index] / prefix.prompt_tokens
+            self._telemetry.prefix_match_ratio.observe(min(1.0, ratio))
 
     def forget_pod(self, name: str) -> None:
         self.index.forget_pod(name)
