@@ -18,6 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from extproc import http_server, logs, self_signed
+from extproc.autoscaling import keda
+from extproc.autoscaling.counts import LocalCounts, RedisCounts
+from extproc.autoscaling.externalscaler import externalscaler_pb2_grpc
+from extproc.autoscaling.signals import Signals, SignalsCollector
 from extproc.config import ConfigError, Settings
 from extproc.debug import service as debug_service
 from extproc.debug.v1 import debug_pb2_grpc
@@ -27,6 +31,7 @@ from extproc.envoy.servicer import ExternalProcessor
 from extproc.fleet.health import PodHealth
 from extproc.fleet.models_list import ModelsList
 from extproc.fleet.registry import PodRegistry
+from extproc.kvevents.events import KvEvents
 from extproc.prefix import producer as prefix_producer
 from extproc.routing.access_log import AccessLog
 from extproc.routing.accounting import Accounting
@@ -65,7 +70,6 @@ class Server:
         routing, users = settings.routing, settings.users
         self.telemetry = Telemetry()
         self.registry = PodRegistry()
-        self.readings = Readings(settings.scraping.stale_after)
         self.accounting = Accounting()
         picker = settings.mode == "epp"
         # An endpoint picker must always pick: without a configured default, least-request.
@@ -77,8 +81,28 @@ class Server:
         )
         self.limiter = RateLimiter(users, self.users, self.telemetry, routing.user_header)
         self.users_api = UsersApi(users, self.users, self.telemetry)
-        self.prefix = prefix_producer.build(settings.prefix, self.registry, self.telemetry)
+        self.readings = Readings(settings.scraping.stale_after)
+        self.kv_events = KvEvents(settings.kv_events, self.registry, self.readings, self.telemetry)
+        self.prefix = prefix_producer.build(
+            settings.prefix, self.registry, self.readings, self.telemetry, self.kv_events
+        )
         self.holds = Holds(settings.autoscaling, self.registry, routing.retry_after_seconds)
+        self.signals = Signals(self.registry, self.readings, self.accounting, self.holds)
+        self.telemetry.registry.register(SignalsCollector(self.signals))
+        # KEDA asks one replica: with a shared Redis, every replica's counts are in the answer.
+        self.scaler_counts = (
+            RedisCounts(
+                self.registry,
+                self.accounting,
+                self.holds,
+                url=users.redis_url,
+                timeout=users.redis_timeout,
+                telemetry=self.telemetry,
+            )
+            if users.redis_url
+            else LocalCounts(self.registry, self.accounting, self.holds)
+        )
+        self.scaler = keda.ExternalScaler(self.signals, self.scaler_counts)
         self.pod_health = PodHealth(settings.health, self.registry, self.telemetry)
         self.pipeline = Pipeline(
             routing,
@@ -176,11 +200,13 @@ class Server:
             ),
             self._grpc,
         )
+        externalscaler_pb2_grpc.add_ExternalScalerServicer_to_server(self.scaler, self._grpc)
         reflection.enable_server_reflection(
             (
                 EXT_PROC_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 debug_service.SERVICE_NAME,
+                keda.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             ),
             self._grpc,
@@ -218,6 +244,8 @@ class Server:
             self.cluster.start()
         await self.scraper.start()
         await self.pod_health.start()
+        await self.kv_events.start()
+        await self.scaler_counts.start()
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._set_serving(self.registry.loaded)
         if not self.registry.loaded:
@@ -250,6 +278,7 @@ class Server:
         deadline = asyncio.get_running_loop().time() + grace
         self.draining = True
         await self._set_serving(False)
+        self.scaler.close()  # KEDA's open StreamIsActive calls end now, not at the drain's end
         if self._grpc is not None:
             # Open streams keep routing with live metrics until they finish or grace ends;
             # those still open then are cut, and logged as cut just before.
@@ -269,6 +298,8 @@ class Server:
     async def _close_the_rest(self) -> None:
         await self.scraper.stop()
         await self.pod_health.stop()
+        await self.kv_events.stop()
+        await self.scaler_counts.stop()
         await self.prefix.close()
         for task in self._tasks:
             task.cancel()

@@ -133,6 +133,14 @@ class Telemetry:
             ["pod", "reason"],
             registry=r,
         )
+        self.kv_events = Counter(
+            "extproc_kv_events",
+            "KV-cache event messages from pods, by kind: batch (applied), gap (sequence numbers "
+            "skipped), replayed, malformed, resync_* (what the index knew of a pod dropped: "
+            "restarted, reconnected, gap).",
+            ["kind"],
+            registry=r,
+        )
         self.protocol_errors = Counter(
             "extproc_protocol_errors",
             "ext_proc streams ended because a message came out of order (never from Envoy).",

@@ -75,6 +75,8 @@ class PodMetrics:
     queue_time: Histogram | None = None
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    hash_algo: str | None = None
+    """``--prefix-caching-hash-algo`` of the pod (the names of its KV-cache blocks)."""
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
     window: MetricsWindow | None = None

@@ -1,4 +1,4 @@
-"""Tests for the vLLM simulator (tools/vllm_sim): API shapes, engine fidelity, metrics, faults.
+"""Tests for the vLLM simulator (extproc/vllm_sim): API shapes, engine fidelity, metrics, KV events.
 
 Timing checks compare two measurements with wide margins (never absolute latencies), so a
 loaded 2-core machine does not make them flaky.
@@ -18,15 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgpack
 import orjson
 import pytest
+import zmq
+import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.kvevents.block_hash import block_hashes
 from extproc.vllm_sim import PodSpec, SimParams, SimulatorFleet, homogeneous_specs
 from extproc.vllm_sim.config import load_fleet_config
 from extproc.vllm_sim.kv_cache import KVCacheManager
 from extproc.vllm_sim.sequence import Sequence
-from extproc.vllm_sim.tokenizer import Tokenizer, render_chat
+from extproc.vllm_sim.tokenizer import BOS_TOKEN_ID, Tokenizer, render_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -151,6 +155,24 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
+def kv_source(body: Any) -> dict[str, Any]:
+    """Data-parallel rank 0's publisher config in a ``/kv_event_sources`` answer."""
+    assert set(body) == {"0"}
+    source: dict[str, Any] = body["0"]
+    assert set(source) == {
+        "enable_kv_cache_events",
+        "publisher",
+        "endpoint",
+        "replay_endpoint",
+        "buffer_steps",
+        "hwm",
+        "max_queue_size",
+        "topic",
+    }
+    assert source["enable_kv_cache_events"] is True and source["publisher"] == "zmq"
+    return source
+
+
 async def stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     result: dict[str, Any] = await get_json(session, f"{url}/sim/stats")
     return result
@@ -226,8 +248,8 @@ async def test_completion_prompt_forms_and_defaults(start_fleet: StartFleet, htt
     fleet = await start_fleet(default_max_tokens=7)
     url = f"{fleet[0].url}/v1/completions"
     for prompt, expected in [
-        ("abcdefgh", 2),
-        (["abcdefghijkl", "ignored"], 3),
+        ("abcdefgh", 3),  # BOS + two pieces
+        (["abcdefghijkl", "ignored"], 4),
         ([5, 6, 7, 8, 9], 5),
         ([[1, 2], [3, 4, 5]], 2),
     ]:
@@ -288,7 +310,7 @@ async def test_streaming_completion(start_fleet: StartFleet, http: Any) -> None:
     assert events[-1] == "[DONE]"
     assert [e["object"] for e in events[:-1]] == ["text_completion"] * 5
     assert all(len(e["choices"][0]["text"]) == 4 for e in events[:4])
-    assert events[-2]["choices"] == [] and events[-2]["usage"]["prompt_tokens"] == 4
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["prompt_tokens"] == 5
 
 
 async def test_streaming_really_streams(start_fleet: StartFleet, http: Any) -> None:
@@ -328,7 +350,7 @@ async def test_models_and_lora_adapters(start_fleet: StartFleet, http: Any) -> N
     status, _, data = await post(
         http, f"{url}/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": "/adapters/sql"}
     )
-    assert status == 400 and data["error"]["type"] == "BadRequestError"
+    assert status == 400 and data["error"]["type"] == "InvalidUserInput"
     models = await get_json(http, f"{url}/v1/models")
     cards = {m["id"]: m for m in models["data"]}
     assert cards["sql"]["parent"] == MODEL and cards["sql"]["root"] == "/adapters/sql"
@@ -353,13 +375,14 @@ async def test_tokenize_and_embeddings_and_limits(start_fleet: StartFleet, http:
     url = fleet[0].url
     status, _, data = await post(http, f"{url}/tokenize", {"model": MODEL, "prompt": "abcdefghij"})
     assert status == 200
-    assert data["count"] == 3 and len(data["tokens"]) == 3 and data["max_model_len"] == 64
+    assert data["count"] == 4 and len(data["tokens"]) == 4 and data["max_model_len"] == 64
+    assert data["tokens"][0] == BOS_TOKEN_ID and data["token_strs"] is None
     status, _, emb = await post(
         http, f"{url}/v1/embeddings", {"model": MODEL, "input": ["ab", "c"]}
     )
     assert status == 200
     assert len(emb["data"]) == 2 and len(emb["data"][0]["embedding"]) == 16
-    assert emb["usage"]["prompt_tokens"] == 2
+    assert emb["usage"]["prompt_tokens"] == 4  # BOS each
     status, headers, data = await post(
         http, f"{url}/v1/completions", {"model": MODEL, "prompt": "x" * 400, "max_tokens": 4}
     )
@@ -405,7 +428,8 @@ async def test_metrics_queue_running_and_kv_under_load(start_fleet: StartFleet, 
     assert value(after, "vllm:num_requests_waiting") == 0
     assert value(after, "vllm:kv_cache_usage_perc") == 0
     assert value(after, "vllm:generation_tokens_total") == 6 * 12
-    assert value(after, "vllm:request_success_total") == 6
+    success = {s.labels["finished_reason"]: s.value for s in after["vllm:request_success_total"]}
+    assert success == {"stop": 0, "length": 6, "abort": 0, "error": 0, "repetition": 0}
     for hist in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
         assert value(after, f"vllm:{hist}_seconds_count") == 6
         buckets = after[f"vllm:{hist}_seconds_bucket"]
@@ -415,8 +439,7 @@ async def test_metrics_queue_running_and_kv_under_load(start_fleet: StartFleet, 
     info = after["vllm:cache_config_info"][0].labels
     assert info["block_size"] == "16" and info["num_gpu_blocks"] == "2048"
     assert info["enable_prefix_caching"] == "True"
-    lora = after["vllm:lora_requests_info"][0].labels
-    assert set(lora) >= {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
+    assert "vllm:lora_requests_info" not in after  # only with LoRA enabled, as vLLM
     queued = after["vllm:request_queue_time_seconds_sum"][0].value
     assert queued > 0  # the later requests did wait
 
@@ -432,7 +455,11 @@ async def test_lora_requests_info_lists_adapters(start_fleet: StartFleet, http: 
     ]
     seen: set[tuple[str, str]] = set()
     while not all(t.done() for t in tasks):
-        labels = (await scrape(http, url))["vllm:lora_requests_info"][0].labels
+        series = (await scrape(http, url)).get("vllm:lora_requests_info")
+        if not series:  # no series before the first engine step, as in vLLM
+            continue
+        labels = max(series, key=lambda sample: sample.value).labels  # the newest
+        assert labels["max_lora"] == "1"
         seen.add((labels["running_lora_adapters"], labels["waiting_lora_adapters"]))
         await asyncio.sleep(0.01)
     await asyncio.gather(*tasks)
@@ -833,3 +860,666 @@ async def test_sglang_router_routes_to_simulated_pods(start_fleet: StartFleet, h
         except subprocess.TimeoutExpired:
             router.kill()
             await asyncio.to_thread(router.wait, 5)
+
+
+# -- KV-cache events ---------------------------------------------------------------------------
+
+
+class Subscriber:
+    """A ZMQ SUB socket on a pod's publisher, decoding vLLM's three-frame messages."""
+
+    def __init__(self, endpoint: str, topic: bytes = b"kv-events") -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SUBSCRIBE, topic)
+        self.sock.connect(endpoint)
+        self.topic = topic
+
+    async def recv(self, timeout: float = 5.0) -> tuple[int, list[Any], float, int]:
+        """(seq, events, ts, data_parallel_rank) of the next message."""
+        frames = await asyncio.wait_for(self.sock.recv_multipart(), timeout)
+        assert len(frames) == 3 and frames[0] == self.topic and len(frames[1]) == 8
+        ts, events, rank = msgpack.unpackb(frames[2])
+        return int.from_bytes(frames[1], "big"), events, ts, rank
+
+    async def ready(self, session: aiohttp.ClientSession, url: str) -> int:
+        """Wait until the subscription is live (PUB drops what a late subscriber misses):
+        reset the idle pod's cache, then run a one-token request (the clear goes out with
+        the next engine step, as in vLLM), until an ``AllBlocksCleared`` arrives; its
+        sequence number."""
+        body = {"model": MODEL, "prompt": [7], "max_tokens": 1}
+        for _ in range(200):
+            async with session.post(f"{url}/reset_prefix_cache") as resp:
+                assert resp.status == 200 and await resp.json() == {"success": True}
+            async with session.post(f"{url}/v1/completions", json=body) as resp:
+                assert resp.status == 200
+            try:
+                seq, events, _, _ = await self.recv(0.05)
+            except TimeoutError:
+                continue
+            assert events == [{"type": "AllBlocksCleared"}]
+            while True:  # drain the other probes' clears
+                try:
+                    seq, events, _, _ = await self.recv(0.2)
+                except TimeoutError:
+                    return seq
+        raise AssertionError("the subscription never became live")
+
+    async def events_until(self, done: Callable[[list[Any]], bool]) -> list[tuple[int, Any]]:
+        """(seq, event) pairs received until ``done(all events so far)``."""
+        out: list[tuple[int, Any]] = []
+        while not done([event for _, event in out]):
+            seq, events, _, _ = await self.recv()
+            out.extend((seq, event) for event in events)
+        return out
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+async def subscribers() -> AsyncIterator[Callable[[str], Subscriber]]:
+    made: list[Subscriber] = []
+
+    def make(endpoint: str) -> Subscriber:
+        made.append(Subscriber(endpoint))
+        return made[-1]
+
+    yield make
+    for sub in made:
+        sub.close()
+
+
+def stored(events: list[Any]) -> list[Any]:
+    return [e for e in events if e["type"] == "BlockStored"]
+
+
+async def test_kv_events_wire_format_and_hashes(
+    start_fleet: StartFleet, http: Any, subscribers: Callable[[str], Subscriber]
+) -> None:
+    fleet = await start_fleet(kv_events=True)
+    pod = fleet[0]
+    source = kv_source(await get_json(http, f"{pod.url}/kv_event_sources"))
+    # A port chosen at bind time is reported as bound (vLLM's tcp://*:0 resolution).
+    assert pod.publisher is not None and source["endpoint"] == pod.publisher.endpoint
+    assert source["topic"] == "kv-events" and source["replay_endpoint"] is None
+    assert source["buffer_steps"] == 10000
+    sub = subscribers(source["endpoint"])
+    first = await sub.ready(http, pod.url)
+    prompt = list(range(100, 140))  # 40 tokens: two full blocks of 16
+    status, _, _ = await post(
+        http, f"{pod.url}/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 10}
+    )
+    assert status == 200
+    received = await sub.events_until(lambda ev: len(stored(ev)) >= 2)
+    seqs = [seq for seq, _ in received]
+    assert seqs[0] == first + 1 and seqs == sorted(seqs)
+    prompt_event, decode_event = stored([event for _, event in received])[:2]
+    hashes = block_hashes(prompt, 16)
+    assert prompt_event == {
+        "type": "BlockStored",
+        "block_hashes": hashes,
+        "parent_block_hash": None,
+        "token_ids": prompt[:32],
+        "block_size": 16,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": None,
+        "extra_keys": [None, None],
+        "group_idx": 0,
+        "kv_cache_spec_kind": "full_attention",
+    }
+    # The third block fills with generated tokens (40 + 8): published too, chained.
+    assert decode_event["parent_block_hash"] == hashes[-1]
+    assert decode_event["token_ids"][:8] == prompt[32:]
+    full = prompt + decode_event["token_ids"][8:]
+    assert decode_event["block_hashes"] == block_hashes(full, 16)[2:]
+    # A repeat hits the cache and stores nothing new for the prompt.
+    await post(
+        http, f"{pod.url}/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+    )
+    metrics = await scrape(http, pod.url)
+    assert value(metrics, "vllm:prefix_cache_hits_total") == 32  # whole blocks only
+    assert (await stats(http, pod.url))["kv_events_sent"] >= first + 3
+
+
+async def test_kv_events_evictions_reset_and_lora(
+    start_fleet: StartFleet, http: Any, subscribers: Callable[[str], Subscriber]
+) -> None:
+    fleet = await start_fleet(
+        kv_events=True, num_gpu_blocks=6, lora_modules={"sql": "/adapters/sql"}
+    )
+    pod = fleet[0]
+    assert pod.publisher is not None
+    sub = subscribers(pod.publisher.endpoint)
+    await sub.ready(http, pod.url)
+    url = f"{pod.url}/v1/completions"
+    a, b = list(range(1, 49)), list(range(1001, 1049))  # 3 blocks each, cache holds 6
+    for prompt in (a, b):
+        await post(http, url, {"model": MODEL, "prompt": prompt, "max_tokens": 1})
+    events = await sub.events_until(lambda ev: len(stored(ev)) >= 2)
+    assert [e["type"] for _, e in events] == ["BlockStored", "BlockStored"]
+    # An adapter's blocks: LoRA extra keys on every block, id and name in the event; the
+    # cache is full, so the least recently used blocks (a's) are evicted first, one by one.
+    await post(http, url, {"model": "sql", "prompt": a[:32], "max_tokens": 1})
+    received = [e for _, e in await sub.events_until(lambda ev: bool(stored(ev)))]
+    removed = [e for e in received if e["type"] == "BlockRemoved"]
+    a_hashes = block_hashes(a, 16)
+    assert removed == [
+        {"type": "BlockRemoved", "block_hashes": [a_hashes[2]], "medium": "GPU", "group_idx": 0},
+        {"type": "BlockRemoved", "block_hashes": [a_hashes[1]], "medium": "GPU", "group_idx": 0},
+    ]  # a's tail first: a request's blocks are freed last block first, as in vLLM
+    (lora_event,) = stored(received)
+    assert lora_event["lora_id"] == 1 and lora_event["lora_name"] == "sql"
+    assert lora_event["extra_keys"] == [["sql"], ["sql"]]  # untagged, as vLLM publishes them
+    assert lora_event["block_hashes"] == block_hashes(a[:32], 16, lora=("sql", "/adapters/sql"))
+    assert lora_event["block_hashes"] != block_hashes(a[:32], 16)
+    # A reset clears everything; the clear goes out with the next engine step's events.
+    async with http.post(f"{pod.url}/reset_prefix_cache") as resp:
+        assert await resp.json() == {"success": True}
+    assert (await stats(http, pod.url))["blocks_cached"] == 0
+    await post(http, url, {"model": MODEL, "prompt": b, "max_tokens": 1})
+    _, events, _, _ = await sub.recv()
+    assert [e["type"] for e in events] == ["AllBlocksCleared", "BlockStored"]
+    assert events[1]["block_hashes"] == block_hashes(b, 16)
+
+
+async def test_kv_events_hash_the_pods_own_chat_tokens(
+    start_fleet: StartFleet, http: Any, subscribers: Callable[[str], Subscriber]
+) -> None:
+    fleet = await start_fleet(kv_events=True, block_size=8)
+    pod = fleet[0]
+    assert pod.publisher is not None
+    sub = subscribers(pod.publisher.endpoint)
+    await sub.ready(http, pod.url)
+    messages = [{"role": "system", "content": "You route. " * 6}, {"role": "user", "content": "hi"}]
+    _, _, tokens = await post(http, f"{pod.url}/tokenize", {"model": MODEL, "messages": messages})
+    body = {"model": MODEL, "messages": messages, "max_tokens": 1}
+    status, _, done = await post(http, f"{pod.url}/v1/chat/completions", body)
+    assert status == 200 and done["usage"]["prompt_tokens"] == tokens["count"]
+    (event,) = stored([e for _, e in await sub.events_until(lambda ev: bool(stored(ev)))])
+    full = tokens["count"] // 8 * 8
+    assert event["token_ids"] == tokens["tokens"][:full]  # BOS and template included
+    assert event["block_hashes"] == block_hashes(tokens["tokens"], 8)
+    # A cache_salt keys block 0 (and so the whole chain), shown untagged on block 0 only.
+    body = {**body, "cache_salt": "tenant-a"}
+    await post(http, f"{pod.url}/v1/chat/completions", body)
+    (salted,) = stored([e for _, e in await sub.events_until(lambda ev: bool(stored(ev)))])
+    assert salted["block_hashes"] == block_hashes(tokens["tokens"], 8, cache_salt="tenant-a")
+    assert salted["extra_keys"] == [["tenant-a"]] + [None] * (full // 8 - 1)
+
+
+async def test_kv_events_replay_and_restart(
+    start_fleet: StartFleet, http: Any, subscribers: Callable[[str], Subscriber]
+) -> None:
+    fleet = await start_fleet(
+        kv_events=True,
+        kv_events_replay_port=0,
+        kv_events_topic="cache",
+        prefix_caching_hash_algo="sha256_cbor",
+        hash_seed="42",
+        block_size=32,
+    )
+    pod = fleet[0]
+    publisher = pod.publisher
+    assert publisher is not None and publisher.replay_endpoint is not None
+    source = kv_source(await get_json(http, f"{pod.url}/kv_event_sources"))
+    assert source["replay_endpoint"] == publisher.replay_endpoint
+    assert source["topic"] == "cache"
+    sub = Subscriber(publisher.endpoint, b"cache")
+    try:
+        await sub.ready(http, pod.url)
+        prompt = list(range(500, 600))
+        await post(
+            http, f"{pod.url}/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+        )
+        received = await sub.events_until(lambda ev: bool(stored(ev)))
+    finally:
+        sub.close()
+    (event,) = stored([e for _, e in received])
+    assert event["block_size"] == 32
+    assert event["block_hashes"] == block_hashes(prompt, 32, "sha256_cbor", seed="42")
+    info = (await scrape(http, pod.url))["vllm:cache_config_info"][0].labels
+    assert info["prefix_caching_hash_algo"] == "sha256_cbor" and info["block_size"] == "32"
+    # Replay from sequence 1: every buffered message from there on, then the end marker.
+    ctx = zmq.asyncio.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(publisher.replay_endpoint)
+    try:
+        await dealer.send_multipart([b"", (1).to_bytes(8, "big")])
+        replayed: list[int] = []
+        while True:
+            frames = await asyncio.wait_for(dealer.recv_multipart(), 5)
+            empty, topic, seq_bytes, payload = frames
+            assert empty == b""
+            seq = int.from_bytes(seq_bytes, "big", signed=True)
+            if seq == -1:
+                assert topic == payload == b""
+                break
+            assert topic == b"cache"
+            replayed.append(seq)
+            assert msgpack.unpackb(payload)[2] == 0
+    finally:
+        dealer.close(0)
+        ctx.term()
+    assert replayed == list(range(1, publisher.sent))
+    # A restarted pod publishes from sequence 0 again, with an empty cache.
+    await pod.stop()
+    await pod.start()
+    assert pod.publisher is not None and pod.publisher.sent == 0
+    assert (await stats(http, pod.url))["blocks_cached"] == 0
+
+
+# -- vLLM endpoints beyond inference ----------------------------------------------------------
+
+
+async def test_load_and_request_ids(start_fleet: StartFleet, http: Any) -> None:
+    fleet = await start_fleet(decode_time_base=0.01)
+    url = fleet[0].url
+    assert await get_json(http, f"{url}/load") == {"server_load": 0}
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "stream": True}
+    async with http.post(f"{url}/v1/completions", json=body) as held:
+        await held.content.readuntil(b"\n\n")
+        assert await get_json(http, f"{url}/load") == {"server_load": 1}
+    await eventually_async(lambda: get_json(http, f"{url}/load"), {"server_load": 0})
+    headers = {"x-request-id": "req-42"}
+    async with http.post(
+        f"{url}/v1/chat/completions", json=chat_body("hi", 2), headers=headers
+    ) as resp:
+        assert (await resp.json())["id"] == "chatcmpl-req-42"
+    async with http.post(
+        f"{url}/v1/completions",
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": True},
+        headers=headers,
+    ) as resp:
+        text = await resp.text()
+    chunks = [orjson.loads(line[6:]) for line in text.split("\n\n") if line[6:7] == "{"]
+    assert {c["id"] for c in chunks} == {"cmpl-req-42"}
+    version = await get_json(http, f"{url}/version")
+    assert version["version"].startswith("0.32")
+
+
+async def eventually_async(probe: Callable[[], Awaitable[Any]], expected: Any) -> None:
+    for _ in range(200):
+        if await probe() == expected:
+            return
+        await asyncio.sleep(0.02)
+    assert await probe() == expected
+
+
+async def test_tokenize_chat_template_and_detokenize(start_fleet: StartFleet, http: Any) -> None:
+    fleet = await start_fleet()
+    url = fleet[0].url
+    messages = [{"role": "user", "content": "hello world!"}]  # 12 bytes: 3 tokens of text
+    _, _, chat = await post(http, f"{url}/tokenize", {"model": MODEL, "messages": messages})
+    assert chat["tokens"][0] == BOS_TOKEN_ID and chat["count"] == len(chat["tokens"])
+    assert chat["count"] > 1 + 3  # the template's tokens count too
+    _, _, bare = await post(
+        http,
+        f"{url}/tokenize",
+        {"model": MODEL, "messages": messages, "add_generation_prompt": False},
+    )
+    # Without the generation prompt the text is a prefix (its last piece may be cut shorter).
+    assert bare["tokens"][:-1] == chat["tokens"][: bare["count"] - 1]
+    assert bare["count"] < chat["count"]
+    status, _, done = await post(http, f"{url}/v1/chat/completions", chat_body("hello world!", 2))
+    assert status == 200 and done["usage"]["prompt_tokens"] == chat["count"]
+    _, _, plain = await post(
+        http,
+        f"{url}/tokenize",
+        {"model": MODEL, "prompt": "route me, please", "return_token_strs": True},
+    )
+    assert plain["token_strs"] == ["<s>", "rout", "e me", ", pl", "ease"]
+    _, _, back = await post(http, f"{url}/detokenize", {"model": MODEL, "tokens": plain["tokens"]})
+    assert back == {"prompt": "<s>route me, please"}
+    _, _, no_bos = await post(
+        http,
+        f"{url}/tokenize",
+        {"model": MODEL, "prompt": "route me, please", "add_special_tokens": False},
+    )
+    assert no_bos["tokens"] == plain["tokens"][1:]
+
+
+async def test_responses_api(start_fleet: StartFleet, http: Any) -> None:
+    fleet = await start_fleet()
+    url = fleet[0].url
+    body = {"model": MODEL, "input": "Summarise routing.", "max_output_tokens": 5}
+    status, headers, data = await post(http, f"{url}/v1/responses", body)
+    assert status == 200 and headers["x-pod-name"] == "sim-0"
+    assert data["object"] == "response" and data["id"].startswith("resp_")
+    assert data["model"] == MODEL
+    (message,) = data["output"]
+    assert message["type"] == "message" and message["role"] == "assistant"
+    assert len(message["content"][0]["text"]) == 5 * 4
+    _, _, tokens = await post(
+        http,
+        f"{url}/tokenize",
+        {"model": MODEL, "messages": [{"role": "user", "content": "Summarise routing."}]},
+    )
+    assert data["usage"]["input_tokens"] == tokens["count"]
+    assert data["usage"]["output_tokens"] == 5
+    assert data["usage"]["total_tokens"] == tokens["count"] + 5
+    async with http.post(f"{url}/v1/responses", json={**body, "stream": True}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        raw = await resp.text()
+    events = []
+    for frame in raw.strip().split("\n\n"):
+        kind_line, data_line = frame.split("\n")
+        kind = kind_line.removeprefix("event: ")
+        payload = orjson.loads(data_line.removeprefix("data: "))
+        assert payload["type"] == kind
+        events.append(payload)
+    kinds = [e["type"] for e in events]
+    deltas_count = kinds.count("response.output_text.delta")
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",  # with the first delta, as vLLM opens the item
+        "response.content_part.added",
+        *["response.output_text.delta"] * deltas_count,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert all(list(e) == sorted(e) for e in events)  # the OpenAI types' field order
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    final = events[-1]["response"]
+    assert final["output"][0]["content"][0]["text"] == deltas and len(deltas) == 20
+    assert final["usage"]["output_tokens"] == 5
+
+
+async def test_stream_interval_merges_tokens(start_fleet: StartFleet, http: Any) -> None:
+    fleet = await start_fleet(stream_interval=4)
+    url = f"{fleet[0].url}/v1/completions"
+    body = {
+        "model": MODEL,
+        "prompt": "x",
+        "max_tokens": 10,
+        "stream_options": {"include_usage": True},
+    }
+    _, events, _ = await stream(http, url, body)
+    texts = [e["choices"][0]["text"] for e in events[:-2]]
+    assert [len(t) // 4 for t in texts] == [1, 4, 4, 1]  # the first token goes out alone
+    assert events[-2]["usage"]["completion_tokens"] == 10
+    _, events, _ = await stream(http, url, {**body, "stream_options": None})
+    assert all("usage" not in e for e in events[:-1]) and events[-1] == "[DONE]"
+
+
+async def test_metrics_exposition_like_vllm(start_fleet: StartFleet, http: Any) -> None:
+    fleet = await start_fleet(lora_modules={"sql": "/adapters/sql"}, max_loras=2)
+    url = fleet[0].url
+    status, _, _ = await post(http, f"{url}/v1/chat/completions", chat_body("q", 3, "sql"))
+    assert status == 200
+    async with http.get(f"{url}/metrics") as resp:
+        assert resp.headers["Content-Type"] == "text/plain; version=1.0.0; charset=utf-8"
+        text = await resp.text()
+    types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE "))
+    counters = [name for name, kind in types.items() if kind == "counter"]
+    histograms = [name for name, kind in types.items() if kind == "histogram"]
+    assert counters and all(name.endswith("_total") for name in counters)
+    for name in counters:
+        assert types[name.removesuffix("_total") + "_created"] == "gauge"
+    for name in histograms:
+        assert types[name + "_created"] == "gauge"
+    for family in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "num_requests_waiting_by_reason",
+        "kv_cache_usage_perc",
+        "prefix_cache_queries_total",
+        "prefix_cache_hits_total",
+        "prompt_tokens_total",
+        "prompt_tokens_cached_total",
+        "generation_tokens_total",
+        "request_success_total",
+        "time_to_first_token_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+        "request_prefill_time_seconds",
+        "request_decode_time_seconds",
+        "inter_token_latency_seconds",
+        "engine_sleep_state",
+        "admission_rejections_total",
+        "cache_config_info",
+        "lora_requests_info",
+    ):
+        assert f"vllm:{family}" in types, family
+    samples = [line for line in text.splitlines() if line.startswith("vllm:")]
+    unlabelled = ("vllm:cache_config_info", "vllm:lora_requests_info", "vllm:admission_rej")
+    for line in samples:
+        if "{" not in line:
+            assert line.startswith("vllm:admission_rejections_"), line  # no labels at all
+            continue
+        labels = line[line.index("{") + 1 : line.rindex("}")]
+        names = [pair.split("=", 1)[0] for pair in labels.split('",')]
+        assert names == sorted(names), line  # prometheus_client sorts labels
+        if not line.startswith(unlabelled):
+            assert 'engine="0"' in line and f'model_name="{MODEL}"' in line, line
+    parsed = await scrape(http, url)
+    assert value(parsed, "vllm:generation_tokens_total") == 3  # the adapter's, under the base
+    info = parsed["vllm:cache_config_info"][0].labels
+    assert len(info) == 37 and info["num_cpu_blocks"] == "None" and info["engine"] == "0"
+    assert info["block_size"] == "16" and info["num_gpu_blocks"] == "2048"
+    assert info["prefix_caching_hash_algo"] == "sha256" and "hash_block_size" in info
+    created = value(parsed, "vllm:prompt_tokens_created")
+    assert abs(created - time.time()) < 600
+    lora = parsed["vllm:lora_requests_info"]
+    combos = {(s.labels["running_lora_adapters"], s.labels["waiting_lora_adapters"]) for s in lora}
+    assert ("sql", "") in combos and all(s.labels["max_lora"] == "2" for s in lora)
+    assert all(abs(s.value - time.time()) < 600 for s in lora)  # valued with update times
+
+
+async def test_error_bodies_as_vllm_words_them(start_fleet: StartFleet, http: Any) -> None:
+    """The bodies a real vLLM 0.32 answered with, word for word."""
+    fleet = await start_fleet(max_model_len=64, lora_modules={"sql": "/adapters/sql"})
+    url = fleet[0].url
+    chat, cmpl = f"{url}/v1/chat/completions", f"{url}/v1/completions"
+
+    async def error(path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        kwargs: dict[str, Any] = {"json": body} if raw is None else {"data": raw}
+        headers = {"content-type": "application/json"}
+        async with http.post(path, headers=headers, **kwargs) as resp:
+            return resp.status, await resp.json()
+
+    assert await error(cmpl, {"model": "nope", "prompt": "x"}) == (
+        404,
+        {
+            "error": {
+                "message": f"The model `nope` does not exist. Valid aliases: {MODEL}.",
+                "type": "NotFoundError",
+                "param": "model",
+                "code": 404,
+            }
+        },
+    )
+    status, body = await error(chat, raw=b"{not json")
+    assert status == 400 and body["error"] == {
+        "message": "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.1', 'msg': "
+        "'JSON decode error', 'input': '<dict of 0 items>', 'ctx': {'error': 'Expecting "
+        "property name enclosed in double quotes'}}",
+        "type": "Bad Request",
+        "param": "body.1",
+        "code": 400,
+    }
+    status, body = await error(chat, {"model": MODEL})
+    assert status == 400 and body["error"] == {
+        "message": "1 validation error:\n  {'type': 'missing', 'loc': 'body.messages', 'msg': "
+        "'Field required', 'input': '<dict of 1 items>'}",
+        "type": "Bad Request",
+        "param": "body.messages",
+        "code": 400,
+    }
+    status, body = await error(cmpl, {"model": MODEL})
+    assert (status, body["error"]["param"], body["error"]["type"]) == (
+        400,
+        "prompt",
+        "BadRequestError",
+    )
+    assert body["error"]["message"] == (
+        "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)"
+    )
+    status, body = await error(cmpl, {"model": MODEL, "prompt": "x", "max_tokens": 65})
+    assert status == 400 and body["error"]["message"] == (
+        "max_tokens=65 cannot be greater than max_model_len=64. Please request fewer output "
+        "tokens. (parameter=max_tokens, value=65)"
+    )
+    status, body = await error(cmpl, {"model": MODEL, "prompt": "x" * 400})
+    assert status == 400 and body["error"]["param"] == "input_tokens"
+    assert body["error"]["message"].startswith(
+        "This model's maximum context length is 64 tokens. However, your prompt contains at "
+        "least 65 input tokens"
+    )
+    # A prompt that fits gets the rest of the context, not an error (vLLM clamps).
+    status, _, done = await post(
+        http, cmpl, {"model": MODEL, "prompt": "y" * 200, "max_tokens": 60}
+    )
+    assert status == 200 and done["usage"]["total_tokens"] == 64
+    status, body = await error(cmpl, {"model": MODEL, "prompt": "x", "stream_options": {}})
+    assert status == 200  # empty stream options are no options
+    status, body = await error(
+        cmpl, {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}
+    )
+    assert status == 400 and body["error"]["message"] == (
+        "Stream options can only be defined when `stream=True`. (parameter=stream_options)"
+    )
+    status, body = await error(f"{url}/tokenize", {"model": MODEL})
+    assert status == 400 and body["error"]["param"] == "body.prompt"
+    assert body["error"]["message"].startswith("2 validation errors:")
+    # Adapters: unknown to the pod is a 404 naming the base model; unload twice, 404.
+    assert (await error(chat, chat_body("q", 1, "ghost")))[0] == 404
+    status, body = await error(f"{url}/v1/unload_lora_adapter", {"lora_name": "ghost"})
+    assert (status, body["error"]) == (
+        404,
+        {
+            "message": "The lora adapter 'ghost' cannot be found.",
+            "type": "NotFoundError",
+            "param": None,
+            "code": 404,
+        },
+    )
+    status, body = await error(
+        f"{url}/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": "/adapters/sql"}
+    )
+    assert (status, body["error"]["type"], body["error"]["param"]) == (
+        400,
+        "InvalidUserInput",
+        None,
+    )
+    assert body["error"]["message"] == (
+        "The lora adapter 'sql' has already been loaded. If you want to load the adapter in "
+        "place, set 'load_inplace' to True."
+    )
+    async with http.get(f"{url}/no/such/path") as resp:
+        assert resp.status == 404 and (await resp.json()) == {"detail": "Not Found"}
+
+
+def test_kv_event_ports_move_up_per_pod(tmp_path: Path) -> None:
+    params = SimParams(kv_events=True, kv_events_port=6000, kv_events_replay_port=7000)
+    specs = homogeneous_specs(3, "m", params=params)
+    assert [s.params.kv_events_port for s in specs] == [6000, 6001, 6002]
+    assert [s.params.kv_events_replay_port for s in specs] == [7000, 7001, 7002]
+    free = homogeneous_specs(2, "m", params=SimParams(kv_events=True))
+    assert [s.params.kv_events_port for s in free] == [0, 0]  # 0: each binds a free port
+    assert [s.params.kv_events_replay_port for s in free] == [-1, -1]
+    config = tmp_path / "sim.yaml"
+    config.write_text(
+        "defaults: {model: m, kv_events: true, kv_events_port: 6000, hash_seed: 0}\n"
+        "pods: [{name: a}, {name: b}, {name: c, kv_events_port: 6100}]\n"
+    )
+    loaded = load_fleet_config(config)
+    assert [s.params.kv_events_port for s in loaded] == [6000, 6001, 6100]
+    assert loaded[0].params.hash_seed == "0"
+    with pytest.raises(ValueError, match="prefix_caching_hash_algo"):
+        SimParams().replace({"prefix_caching_hash_algo": "md5"})
+    with pytest.raises(ValueError, match="restart"):
+        SimParams().replace({"kv_events": True}, runtime=True)
+
+
+async def test_response_shapes_as_vllm(start_fleet: StartFleet, http: Any) -> None:
+    """Every field a real vLLM 0.32 sends, in its order."""
+    fleet = await start_fleet()
+    url = fleet[0].url
+    _, _, chat = await post(http, f"{url}/v1/chat/completions", chat_body("hello", 3))
+    assert list(chat) == [
+        "id",
+        "object",
+        "created",
+        "model",
+        "choices",
+        "service_tier",
+        "system_fingerprint",
+        "usage",
+        "prompt_logprobs",
+        "prompt_token_ids",
+        "prompt_text",
+        "kv_transfer_params",
+        "ec_transfer_params",
+        "metrics",
+    ]
+    assert len(chat["id"]) == len("chatcmpl-") + 16
+    assert chat["system_fingerprint"].startswith("vllm-0.32.0-")
+    assert list(chat["choices"][0]["message"]) == [
+        "role",
+        "content",
+        "refusal",
+        "annotations",
+        "audio",
+        "function_call",
+        "reasoning",
+    ]
+    assert chat["usage"]["completion_tokens_details"] is None
+    _, _, cmpl = await post(
+        http, f"{url}/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    )
+    assert list(cmpl["choices"][0]) == [
+        "index",
+        "text",
+        "logprobs",
+        "finish_reason",
+        "stop_reason",
+        "token_ids",
+        "prompt_logprobs",
+        "prompt_token_ids",
+        "routed_experts",
+    ]
+    body = {**chat_body("hello", 3), "stream_options": {"include_usage": True}}
+    headers, events, _ = await stream(http, f"{url}/v1/chat/completions", body)
+    assert headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    role, *tokens, final, done = events
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert role["prompt_token_ids"] is None and "prompt_text" in role
+    assert [list(t["choices"][0]) for t in tokens[:-1]] == [
+        ["index", "delta", "logprobs", "finish_reason", "token_ids"]
+    ] * (len(tokens) - 1)
+    assert list(tokens[-1]["choices"][0]) == [
+        "index",
+        "delta",
+        "logprobs",
+        "finish_reason",
+        "stop_reason",
+        "token_ids",
+    ]
+    assert final["choices"] == [] and list(final["usage"]) == [
+        "prompt_tokens",
+        "total_tokens",
+        "completion_tokens",
+    ]
+    assert final["system_fingerprint"] == chat["system_fingerprint"] and done == "[DONE]"
+    _, events, _ = await stream(
+        http, f"{url}/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    )
+    assert list(events[0]["choices"][0]) == [
+        "index",
+        "text",
+        "logprobs",
+        "finish_reason",
+        "stop_reason",
+        "prompt_token_ids",
+        "token_ids",
+    ]

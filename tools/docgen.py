@@ -7,10 +7,9 @@ docs/strategies.md.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
-
-import inspect
 
 from extproc import config
 from strategies import registry

@@ -1,7 +1,8 @@
 """Compiles the project's own ``.proto`` files (``protos/``) into committed Python modules.
 
-``python -m tools.gen_protos`` rewrites ``extproc/debug/v1/debug_pb2.py``, ``debug_pb2.pyi`` and
-``debug_pb2_grpc.py`` (the package path follows the proto package); ``--check`` regenerates
+``python -m tools.gen_protos`` rewrites, next to each proto's path under ``protos/``, its
+``_pb2.py``, ``_pb2.pyi`` and ``_pb2_grpc.py``: the debug API (``extproc/debug/v1``) and KEDA's
+external scaler interface (``extproc/autoscaling/externalscaler``). ``--check`` regenerates
 into a temporary directory and exits 1, listing the stale files, when the committed ones differ.
 The generated code is committed so the server needs no compiler at run time: grpcio-tools is a
 test dependency only.

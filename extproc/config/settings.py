@@ -304,6 +304,54 @@ class PrefixSettings:
 
 
 @dataclass(frozen=True)
+class KvEventsSettings:
+    """Exact prefix matching from the pods' own KV-cache events (pods that publish them)."""
+
+    hash_seed: str | None = knob(
+        None,
+        "the pods' PYTHONHASHSEED, which seeds their block hashes (unset: vLLM's default seed "
+        "for sha256 and sha256_cbor; pods hashing with xxhash need it)",
+        name="kv_hash_seed",
+    )
+    hash_algo: str = knob(
+        "sha256",
+        "the pods' --prefix-caching-hash-algo when their metrics do not say "
+        "(vllm:cache_config_info)",
+        name="kv_hash_algo",
+    )
+    block_size: int = knob(
+        0,
+        "the pods' KV block size in tokens when their metrics do not say; 0: wait for them",
+        name="kv_block_size",
+    )
+    index_capacity: int = knob(
+        2_000_000,
+        "exact index bound in blocks over all pods (about 100 bytes each); oldest dropped",
+        name="kv_index_capacity",
+    )
+    silence_after: float = knob(
+        10.0,
+        "a pod that runs requests but has published nothing for this long is matched "
+        "approximately again until its events resume",
+        name="kv_silence_after",
+    )
+    reconnect_max: float = knob(
+        10.0,
+        "longest wait between attempts to reach a pod's event publisher",
+        name="kv_reconnect_max",
+    )
+
+    def __post_init__(self) -> None:
+        from extproc.kvevents.block_hash import ALGORITHMS
+
+        if self.hash_algo not in ALGORITHMS:
+            raise ConfigError("hash_algo", f"must be one of {', '.join(ALGORITHMS)}")
+        if self.block_size < 0:
+            raise ConfigError("block_size", "must be >= 0")
+        _positive(self, "index_capacity", "silence_after", "reconnect_max")
+
+
+@dataclass(frozen=True)
 class UsersSettings:
     """Users, their limits, and where both are kept. Values are never echoed in errors: the
     Redis URL may hold a password."""
@@ -533,6 +581,7 @@ SECTIONS: dict[str, type] = {
     "discovery": DiscoverySettings,
     "scraping": ScrapingSettings,
     "prefix": PrefixSettings,
+    "kv_events": KvEventsSettings,
     "users": UsersSettings,
     "kubernetes": KubernetesSettings,
     "health": HealthSettings,
@@ -563,6 +612,7 @@ class Settings:
     discovery: DiscoverySettings = DiscoverySettings()
     scraping: ScrapingSettings = ScrapingSettings()
     prefix: PrefixSettings = PrefixSettings()
+    kv_events: KvEventsSettings = KvEventsSettings()
     users: UsersSettings = UsersSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
     health: HealthSettings = HealthSettings()

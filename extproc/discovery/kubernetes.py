@@ -78,6 +78,7 @@ def pod_spec(pod: Obj, adapters: frozenset[str] = frozenset()) -> PodSpec:
             raise PodLabelError(f"status.podIP {ip!r} is not an IP address") from None
     metrics_url = f"http://{host}:{metric_port}/metrics" if ip and metric_port else ""
     return PodSpec(
+        kv_events=_kv_events(meta.get("annotations") or {}, host),
         name=pod_name(namespace, meta["name"]),
         address=f"{host}:{port}",
         model=labels[keys.NAME],
@@ -86,6 +87,23 @@ def pod_spec(pod: Obj, adapters: frozenset[str] = frozenset()) -> PodSpec:
         ready=is_ready(pod),
         namespace=namespace,
     )
+
+
+KV_EVENTS_PORT = "model.aibrix.ai/kv-events-port"
+"""Pod annotation: the port the pod publishes KV-cache events on, or ``auto`` (ask the pod)."""
+
+
+def _kv_events(annotations: dict[str, str], host: str) -> str:
+    value = annotations.get(KV_EVENTS_PORT, "").strip()
+    if not value:
+        return ""
+    if value == "auto":
+        return value
+    try:
+        port = keys.parse_port(value, KV_EVENTS_PORT, None)
+    except ValueError as exc:
+        raise PodLabelError(str(exc)) from None
+    return f"tcp://{host}:{port}"
 
 
 def adapter_model(adapter: Obj) -> str:

@@ -18,7 +18,7 @@ from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-POD_KEYS = frozenset({"name", "address", "model", "adapters", "metrics_url", "ready"})
+POD_KEYS = frozenset({"name", "address", "model", "adapters", "metrics_url", "ready", "kv_events"})
 
 
 class PodFileError(ValueError):
@@ -65,6 +65,11 @@ def parse_pods(document: dict[str, Any], source: str) -> list[PodSpec]:
             metrics_url and not metrics_url.startswith(("http://", "https://"))
         ):
             raise PodFileError(f"{where}.metrics_url must be an http(s) URL")
+        kv_events = entry.get("kv_events", "")
+        if not isinstance(kv_events, str) or (
+            kv_events and kv_events != "auto" and not kv_events.startswith("tcp://")
+        ):
+            raise PodFileError(f"{where}.kv_events must be tcp://host:port or auto")
         ready = entry.get("ready", True)
         if not isinstance(ready, bool):
             raise PodFileError(f"{where}.ready must be true or false")
@@ -76,6 +81,7 @@ def parse_pods(document: dict[str, Any], source: str) -> list[PodSpec]:
                 adapters=frozenset(adapters),
                 metrics_url=metrics_url,
                 ready=ready,
+                kv_events=kv_events,
             )
         )
     return specs

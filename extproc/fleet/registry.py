@@ -28,6 +28,9 @@ class PodSpec:
     metrics_url: str = ""
     ready: bool = True
     namespace: str = ""
+    kv_events: str = ""
+    """Where the pod publishes KV-cache events: ``tcp://ip:port``, ``auto`` (ask its
+    ``/kv_event_sources``), or empty when it publishes none."""
 
     @property
     def effective_metrics_url(self) -> str:
@@ -199,6 +202,9 @@ class PodRegistry:
 
     def knows_model(self, model: str) -> bool:
         return model in self._models
+
+    def model(self, model: str) -> ModelInfo | None:
+        return self._models.get(model)
 
     def models(self) -> Sequence[ModelInfo]:
         return tuple(self._models.values())

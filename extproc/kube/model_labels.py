@@ -1,9 +1,11 @@
 """The ``model.aibrix.ai/*`` keys on Deployments, Pods and ModelAdapters, and where each belongs.
 
 Identity (which model an object serves, on which ports) lives in labels, because the API server
-selects by labels. Behaviour (how the generated HTTPRoute treats the model) lives in annotations.
-Users have put behaviour keys under labels and seen them silently ignored, so a key found in the
-wrong place is reported: logged once when it appears and counted in a gauge while it stays.
+selects by labels. Behaviour (how the generated HTTPRoute treats the model, how AIBrix's
+autoscaler scales it) lives in annotations. Users have put behaviour keys under labels and seen
+them silently ignored (a ``kpa.autoscaling.aibrix.ai/scale-down-delay`` label left the default
+delay in force), so a key found in the wrong place is reported: logged once when it appears and
+counted in a gauge while it stays.
 """
 
 from __future__ import annotations
@@ -26,8 +28,30 @@ IDENTITY_KEYS = (NAME, PORT, METRIC_PORT)
 
 ROUTE_TIMEOUT = "model.aibrix.ai/route-timeout"
 SERVICE_NAME = "model.aibrix.ai/service-name"
-BEHAVIOUR_KEYS = (ROUTE_TIMEOUT, SERVICE_NAME)
-"""Annotation keys: they change what the generated HTTPRoute does, never what a pod is."""
+SCALE_DOWN_DELAY = "kpa.autoscaling.aibrix.ai/scale-down-delay"
+AUTOSCALING_KEYS = (
+    SCALE_DOWN_DELAY,
+    "kpa.autoscaling.aibrix.ai/stable-window",
+    "kpa.autoscaling.aibrix.ai/panic-window",
+    "kpa.autoscaling.aibrix.ai/panic-threshold",
+    "kpa.autoscaling.aibrix.ai/target-burst-capacity",
+    "kpa.autoscaling.aibrix.ai/activation-scale",
+    "kpa.autoscaling.aibrix.ai/scale-up-cooldown",
+    "apa.autoscaling.aibrix.ai/window",
+    "apa.autoscaling.aibrix.ai/up-fluctuation-tolerance",
+    "apa.autoscaling.aibrix.ai/down-fluctuation-tolerance",
+    "autoscaling.aibrix.ai/max-scale-up-rate",
+    "autoscaling.aibrix.ai/max-scale-down-rate",
+    "autoscaling.aibrix.ai/up-fluctuation-tolerance",
+    "autoscaling.aibrix.ai/down-fluctuation-tolerance",
+    "autoscaling.aibrix.ai/scale-down-cooldown-window",
+    "autoscaling.aibrix.ai/scale-up-cooldown-window",
+)
+"""AIBrix autoscaler settings: read from annotations only. A fixed list, so the gauge's ``key``
+label stays bounded whatever labels objects carry."""
+BEHAVIOUR_KEYS = (ROUTE_TIMEOUT, SERVICE_NAME, *AUTOSCALING_KEYS)
+"""Annotation keys: they change what the generated HTTPRoute does or how the model is scaled,
+never what a pod is."""
 
 DEFAULT_PORT = 8000
 SELECTOR = NAME

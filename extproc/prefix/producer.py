@@ -1,18 +1,29 @@
-"""The prefix producer: tokenise the prompt, hash its blocks, look them up in the index, and
-record where the request went.
+"""The prefix producer: tokenise the prompt, find what each candidate caches of it, and record
+where the request went.
 
 Strategies see only the result (``RoutingContext.prefix``); the I/O (a remote tokenizer) and
-the mutable index live here. It also makes the prompt's token count exact when the tokenizer
-produced real tokens.
+the indexes live here. Two sources, per pod:
+
+- exact, for a pod that publishes KV-cache events and can be matched now
+  (``KvEvents.hasher``): the prompt's token ids, as the pod computes them, are hashed into the
+  pod's own block names and looked up in the exact index;
+- approximate for the others: the prompt's blocks looked up in the index of what this server
+  sent where, which the producer itself writes after each pick.
+
+It also makes the prompt's token count exact when the tokenizer produced real tokens.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from extproc.config import PrefixSettings
 from extproc.fleet.registry import PodRegistry
+from extproc.kvevents.block_hash import BlockHasher
+from extproc.kvevents.events import KvEvents
 from extproc.prefix.hashing import block_hashes
 from extproc.prefix.index import PrefixIndex
 from extproc.prefix.tokenizers import (
@@ -24,16 +35,25 @@ from extproc.prefix.tokenizers import (
 )
 from extproc.routing.openai_request import CHARS_PER_TOKEN, InferenceRequest
 from extproc.routing.plans import Plan
+from extproc.scraping.readings import Readings
 from extproc.telemetry import Telemetry
 from strategies.context import PREFIX, PrefixMatches, RoutingContext
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Hashed:
     hashes: list[int]
+    """The approximate index's block hashes."""
     block_tokens: int
     tokens: int | None
     """The prompt's exact token count, when the tokenizer produced real tokens."""
+    pod_ids: Sequence[int] | None
+    """The prompt's token ids as a vLLM pod computes them, when known (exact matching)."""
+    adapter: bool
+    """A LoRA adapter's request: its blocks carry the adapter's path, which only the pod
+    knows, so it is matched approximately."""
 
 
 class PrefixProducer:
@@ -45,6 +65,9 @@ class PrefixProducer:
         tokenizer: Tokenizer,
         index: PrefixIndex,
         telemetry: Telemetry,
+        registry: PodRegistry,
+        readings: Readings,
+        kv: KvEvents | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.index = index
@@ -52,6 +75,10 @@ class PrefixProducer:
         self._block_tokens = settings.block_tokens
         self._track_all = settings.track_all
         self._telemetry = telemetry
+        self._registry = registry
+        self._readings = readings
+        self._kv = kv
+        self._warned = False
 
     def wanted(self, plan: Plan) -> bool:
         return self._track_all or PREFIX in plan.consumes
@@ -61,32 +88,82 @@ class PrefixProducer:
         if not dry_run and stream.source != self.tokenizer.name:
             self._telemetry.tokenizer_fallbacks.labels(self.tokenizer.name).inc()
         if stream.width == 1:
-            block, block_tokens, tokens = (
-                self._block_chars,
-                self._block_chars // CHARS_PER_TOKEN,
-                None,
-            )
+            block, tokens = self._block_chars, None
+            block_tokens = block // CHARS_PER_TOKEN
         else:
-            block = block_tokens = self._block_tokens
+            block = block_tokens = self._pod_block_size(request.model)
             tokens = len(stream.data) // TOKEN_ID_WIDTH
         hashes = block_hashes(stream.data, stream.width, block, request.model)
-        return Hashed(hashes, max(1, block_tokens), tokens)
+        info = self._registry.model(request.model)
+        adapter = info is not None and info.parent is not None
+        return Hashed(hashes, max(1, block_tokens), tokens, stream.pod_ids, adapter)
+
+    def _pod_block_size(self, model: str) -> int:
+        """The block size the model's pods cache in (their ``vllm:cache_config_info``), so the
+        approximate index never claims a match the pod cannot have; else the setting."""
+        for pod in self._registry.candidates(model):
+            reading = self._readings.get(pod.spec.name)
+            if reading is not None and reading.metrics.block_size:
+                return reading.metrics.block_size
+        return self._block_tokens
 
     def fill(self, prepared: object, ctx: RoutingContext) -> None:
         assert isinstance(prepared, Hashed)
         names = [pod.name for pod in ctx.pods]
         matched, held = self.index.lookup(prepared.hashes, names)
         block = prepared.block_tokens
+        matched_tokens = [blocks * block for blocks in matched]
+        held_tokens = [blocks * block for blocks in held]
+        precise = [False] * len(names)
+        prompt_tokens = len(prepared.hashes) * block
+        ids = prepared.pod_ids
+        if self._kv is not None and self._kv.states and not prepared.adapter:
+            if ids is not None:
+                prompt_tokens = max(prompt_tokens, len(ids))
+                self._exact(ids, ctx.now, names, matched_tokens, held_tokens, precise)
+            elif not self._warned:
+                self._warned = True
+                log.warning(
+                    "pods publish KV-cache events, but exact matching needs their token ids: "
+                    "set tokenizer to hf (with the model's chat template) or remote; until "
+                    "then only prompts given as token ids are matched exactly"
+                )
         ctx.prefix = PrefixMatches(
             block_tokens=block,
-            prompt_tokens=len(prepared.hashes) * block,
-            matched=tuple(blocks * block for blocks in matched),
-            held=tuple(blocks * block for blocks in held),
-            precise=(False,) * len(names),
+            prompt_tokens=prompt_tokens,
+            matched=tuple(matched_tokens),
+            held=tuple(held_tokens),
+            precise=tuple(precise),
         )
         if prepared.tokens is not None:
             ctx.prompt_tokens = prepared.tokens
             ctx.prompt_tokens_exact = True
+
+    def _exact(
+        self,
+        ids: Sequence[int],
+        now: float,
+        names: list[str],
+        matched: list[int],
+        held: list[int],
+        precise: list[bool],
+    ) -> None:
+        """Overwrite the approximate figures of every pod that can be matched exactly."""
+        assert self._kv is not None
+        kv = self._kv
+        groups: dict[int, tuple[BlockHasher, list[int]]] = {}
+        for i, name in enumerate(names):
+            hasher = kv.hasher(name, now)
+            if hasher is not None:
+                groups.setdefault(id(hasher), (hasher, []))[1].append(i)
+        for hasher, positions in groups.values():
+            hashes = hasher.hashes(ids)
+            depths = kv.index.leading(hashes, [names[i] for i in positions])
+            size = hasher.block_size
+            for i, depth in zip(positions, depths, strict=True):
+                matched[i] = depth * size
+                held[i] = kv.index.held(names[i]) * size
+                precise[i] = True
 
     def claimed(self, prepared: object, ctx: RoutingContext, index: int) -> None:
         assert isinstance(prepared, Hashed)
@@ -106,7 +183,13 @@ class PrefixProducer:
         await self.tokenizer.close()
 
 
-def build(settings: PrefixSettings, registry: PodRegistry, telemetry: Telemetry) -> PrefixProducer:
+def build(
+    settings: PrefixSettings,
+    registry: PodRegistry,
+    readings: Readings,
+    telemetry: Telemetry,
+    kv: KvEvents | None = None,
+) -> PrefixProducer:
     """The producer the settings ask for."""
     tokenizer: Tokenizer
     if settings.tokenizer == "hf":
@@ -121,4 +204,4 @@ def build(settings: PrefixSettings, registry: PodRegistry, telemetry: Telemetry)
     else:
         tokenizer = CharacterTokenizer()
     index = PrefixIndex(settings.index_capacity, settings.index_ttl)
-    return PrefixProducer(settings, tokenizer, index, telemetry)
+    return PrefixProducer(settings, tokenizer, index, telemetry, registry, readings, kv)

@@ -1,10 +1,18 @@
 """Turning a prompt into tokens for prefix hashing: ``character``, ``hf`` or ``remote``.
 
-The result is a packed ``TokenStream`` (bytes plus the width of one token), which is all
-``prefix_hashing`` needs. Chat prompts are serialised message by message with their roles and
-lengths, so the encoding is injective (two different conversations never produce the same
-stream) and prefix-preserving (a conversation's stream starts with the stream of any of its
-earlier states), which is what makes multi-turn chats find their history in the index.
+The result is a packed ``TokenStream`` (bytes plus the width of one token), which is all the
+approximate index's hashing needs, and, when the tokens are the pod's own (``pod_ids``), the
+token ids exact matching hashes the way the pod does:
+
+- ``character``: UTF-8 bytes. Chat prompts are serialised message by message with their roles
+  and lengths, so the encoding is injective and prefix-preserving (a conversation's stream
+  starts with the stream of any of its earlier states). Never the pod's tokens, except for
+  prompts given as token ids.
+- ``hf``: the model's ``tokenizer.json``; with the ``chat_template`` of the
+  ``tokenizer_config.json`` beside it, a chat is rendered the way vLLM renders it (generation
+  prompt, BOS from the template) and a completion prompt gets the tokenizer's special tokens:
+  the pod's tokens.
+- ``remote``: the pod's own ``/tokenize``: the pod's tokens by definition.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ class TokenStream:
     """Bytes per token: 1 for UTF-8 characters, 4 for packed token ids."""
     source: str
     """The tokenizer that produced it (``character`` after a ``remote`` fallback)."""
+    pod_ids: Sequence[int] | None = None
+    """The token ids a vLLM pod computes for this prompt, when known."""
 
 
 def pack_ids(ids: Sequence[int]) -> bytes:
@@ -67,7 +77,7 @@ class CharacterTokenizer:
 
     def encode(self, request: InferenceRequest) -> TokenStream:
         if request.token_ids is not None:
-            return TokenStream(pack_ids(request.token_ids), TOKEN_ID_WIDTH, self.name)
+            return token_id_stream(request.token_ids, self.name)
         return TokenStream(prompt_text(request).encode(), 1, self.name)
 
     async def tokenize(self, model: str, request: InferenceRequest) -> TokenStream:
@@ -78,37 +88,81 @@ class CharacterTokenizer:
 
 
 class HfTokenizer:
-    """A local ``tokenizer.json`` per model through the ``tokenizers`` library.
+    """A local ``tokenizer.json`` per model through the ``tokenizers`` library, with the
+    model's chat template when its ``tokenizer_config.json`` has one.
 
-    Chat turns are encoded one by one and concatenated, so adding a turn never changes the
-    tokens of the turns before it (encoding the joined text could merge across the boundary).
+    Without a template, chat turns are encoded one by one and concatenated (a private
+    serialisation: good for the approximate index, never the pod's tokens).
     """
 
     name = "hf"
 
     def __init__(self, files: Mapping[str, Path]) -> None:
-        from tokenizers import Tokenizer as HfModel
-
-        self._models = {model: HfModel.from_file(str(path)) for model, path in files.items()}
+        self._models = {model: _HfModel(path) for model, path in files.items()}
         self._fallback = CharacterTokenizer()
 
     async def tokenize(self, model: str, request: InferenceRequest) -> TokenStream:
         if request.token_ids is not None:
-            return TokenStream(pack_ids(request.token_ids), TOKEN_ID_WIDTH, self.name)
+            return token_id_stream(request.token_ids, self.name)
         hf = self._models.get(model) or self._models.get("*")
         if hf is None:
             return self._fallback.encode(request)
-        if request.messages is not None:
-            texts = [message_text(role, content) for role, content in request.messages]
-        else:
-            texts = [request.text or ""]
-        ids: list[int] = []
-        for encoding in hf.encode_batch(texts, add_special_tokens=False):
-            ids.extend(encoding.ids)
-        return TokenStream(pack_ids(ids), TOKEN_ID_WIDTH, self.name)
+        ids, exact = hf.encode(request)
+        return TokenStream(pack_ids(ids), TOKEN_ID_WIDTH, self.name, ids if exact else None)
 
     async def close(self) -> None:
         return None
+
+
+class _HfModel:
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as HfModel
+
+        self.tokenizer = HfModel.from_file(str(path))
+        self.template = None
+        self.specials: dict[str, str] = {}
+        config_file = path.with_name("tokenizer_config.json")
+        if config_file.is_file():
+            config = orjson.loads(config_file.read_bytes())
+            template = config.get("chat_template")
+            if isinstance(template, str):
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+                environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                environment.globals["raise_exception"] = _template_error
+                self.template = environment.from_string(template)
+            for key in ("bos_token", "eos_token"):
+                value = config.get(key)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str):
+                    self.specials[key] = value
+
+    def encode(self, request: InferenceRequest) -> tuple[list[int], bool]:
+        """The prompt's ids, and whether they are the pod's."""
+        if request.messages is None:
+            return self.tokenizer.encode(request.text or "", add_special_tokens=True).ids, True
+        if self.template is not None:
+            text = self.template.render(
+                messages=[{"role": r, "content": c} for r, c in request.messages],
+                add_generation_prompt=True,
+                **self.specials,
+            )
+            return self.tokenizer.encode(text, add_special_tokens=False).ids, True
+        texts = [message_text(role, content) for role, content in request.messages]
+        ids: list[int] = []
+        for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=False):
+            ids.extend(encoding.ids)
+        return ids, False
+
+
+def _template_error(message: str) -> None:
+    raise ValueError(f"chat template: {message}")
+
+
+def token_id_stream(ids: Sequence[int], source: str) -> TokenStream:
+    """A prompt given as token ids: the pod uses them as they are."""
+    return TokenStream(pack_ids(ids), TOKEN_ID_WIDTH, source, ids)
 
 
 PodUrl = Callable[[str], str | None]
@@ -127,28 +181,27 @@ class RemoteTokenizer:
     def __init__(self, pod_url: PodUrl, timeout: float, cache_size: int = 4096) -> None:
         self._pod_url = pod_url
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()
         self._cache_size = cache_size
         self._fallback = CharacterTokenizer()
         self._session: aiohttp.ClientSession | None = None
 
     async def tokenize(self, model: str, request: InferenceRequest) -> TokenStream:
         if request.token_ids is not None:
-            return TokenStream(pack_ids(request.token_ids), TOKEN_ID_WIDTH, self.name)
+            return token_id_stream(request.token_ids, self.name)
         text = prompt_text(request)
         key = (model, xxhash.xxh64_intdigest(text.encode()))
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
-            return TokenStream(cached, TOKEN_ID_WIDTH, self.name)
+            return TokenStream(pack_ids(cached), TOKEN_ID_WIDTH, self.name, cached)
         ids = await self._remote(model, request, text)
         if ids is None:
             return self._fallback.encode(request)
-        packed = pack_ids(ids)
-        self._cache[key] = packed
+        self._cache[key] = ids
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return TokenStream(packed, TOKEN_ID_WIDTH, self.name)
+        return TokenStream(pack_ids(ids), TOKEN_ID_WIDTH, self.name, ids)
 
     async def _remote(self, model: str, request: InferenceRequest, text: str) -> list[int] | None:
         base = self._pod_url(model)

@@ -116,6 +116,7 @@ def parse(page: bytes, hints: Hints | None = None, full: bool = True) -> PodMetr
     if config:
         values["block_size"] = _int(config.get("block_size"))
         values["num_gpu_blocks"] = _int(config.get("num_gpu_blocks"))
+        values["hash_algo"] = config.get("prefix_caching_hash_algo") or None
     lora = _latest_labels(data, LORA_INFO, hints)
     if lora:
         values["running_adapters"] = _adapters(lora.get("running_lora_adapters", ""))

@@ -14,8 +14,27 @@ from typing import Any
 
 import yaml
 
-#: Parameters that size the KV cache; changing them needs a pod restart.
-STATIC_PARAMS = frozenset({"block_size", "num_gpu_blocks"})
+from extproc.kvevents.block_hash import ALGORITHMS
+
+from .tokenizer import FIRST_PIECE_ID
+
+#: Parameters that size or name the KV cache, or bind sockets; changing them needs a restart.
+STATIC_PARAMS = frozenset(
+    {
+        "block_size",
+        "num_gpu_blocks",
+        "prefix_caching_hash_algo",
+        "hash_seed",
+        "kv_events",
+        "kv_events_port",
+        "kv_events_replay_port",
+        "kv_events_topic",
+        "kv_events_buffer_steps",
+    }
+)
+
+#: Ports offset by the pod's index in a fleet (pod i of ``--pods N`` gets ``value + i``).
+PER_POD_PORTS = ("kv_events_port", "kv_events_replay_port")
 
 #: Older spellings accepted on input and mapped to the current field.
 PARAM_ALIASES = {"per_token_delay": "decode_time_base"}
@@ -32,13 +51,23 @@ class SimParams:
     block_size: int = 16
     max_model_len: int = 8192
     enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"
+    hash_seed: str = ""
     max_loras: int = 4
+    enable_lora: bool = False
+    # KV-cache events (vLLM: --kv-events-config with the zmq publisher).
+    kv_events: bool = False
+    kv_events_port: int = 0
+    kv_events_replay_port: int = -1
+    kv_events_topic: str = "kv-events"
+    kv_events_buffer_steps: int = 10000
     # Tokenizer and outputs.
     chars_per_token: int = 4
     vocab_size: int = 32000
     default_max_tokens: int = 16
     embedding_dim: int = 16
     prompt_tokens_details: bool = False
+    stream_interval: int = 1
     # Step timing, seconds.
     prefill_time_per_token: float = 0.00002
     decode_time_base: float = 0.005
@@ -87,12 +116,20 @@ class SimParams:
             "chars_per_token",
             "default_max_tokens",
             "embedding_dim",
+            "kv_events_buffer_steps",
+            "stream_interval",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.vocab_size < 2:
-            raise ValueError("vocab_size must be >= 2")
+        if self.vocab_size < 2 + FIRST_PIECE_ID:
+            raise ValueError(f"vocab_size must be >= {2 + FIRST_PIECE_ID}")
+        if self.prefix_caching_hash_algo not in ALGORITHMS:
+            raise ValueError(f"prefix_caching_hash_algo must be one of {', '.join(ALGORITHMS)}")
+        if not 0 <= self.kv_events_port <= 65535:
+            raise ValueError("kv_events_port must be within 0..65535 (0 = any free port)")
+        if not -1 <= self.kv_events_replay_port <= 65535:
+            raise ValueError("kv_events_replay_port must be within -1..65535 (-1 = none)")
         non_negative = (
             "prefill_time_per_token",
             "decode_time_base",
@@ -115,7 +152,7 @@ class SimParams:
 
 
 def _param_types() -> dict[str, type]:
-    hints = {"int": int, "float": float, "bool": bool}
+    hints = {"int": int, "float": float, "bool": bool, "str": str}
     return {f.name: hints[str(f.type)] for f in dataclasses.fields(SimParams)}
 
 
@@ -128,6 +165,12 @@ def param_types() -> dict[str, type]:
 
 
 def _coerce(name: str, kind: type, value: Any) -> Any:
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # YAML reads `hash_seed: 0` as a number
+        raise ValueError(f"{name} must be a string")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -182,11 +225,20 @@ def homogeneous_specs(
             name=f"{name_prefix}-{i}",
             model=model,
             port=base_port + i if base_port else 0,
-            params=base.replace({}),
+            params=base.replace(port_offsets(base, i)),
             lora_modules=dict(lora_modules or {}),
         )
         for i in range(count)
     ]
+
+
+def port_offsets(params: SimParams, index: int) -> dict[str, int]:
+    """The per-pod ports of pod ``index``: set ports move up by the index, 0 and -1 stay."""
+    return {
+        name: getattr(params, name) + index
+        for name in PER_POD_PORTS
+        if getattr(params, name) > 0 and index
+    }
 
 
 def parse_lora_modules(items: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
@@ -237,12 +289,13 @@ def load_fleet_config(
         port = int(entry.pop("port", base_port + index if base_port else 0))
         loras = dict(loras_default)
         loras.update(parse_lora_modules(entry.pop("lora_modules", None)))
+        offsets = {k: v for k, v in port_offsets(params, index).items() if k not in entry}
         specs.append(
             PodSpec(
                 name=name,
                 model=str(model),
                 port=port,
-                params=params.replace(entry),
+                params=params.replace({**offsets, **entry}),
                 lora_modules=loras,
             )
         )

@@ -12,11 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from extproc.kvevents.block_hash import BlockHasher
 
 from .config import SimParams
 from .kv_cache import KVCacheManager
+from .kv_events import Event
 from .metrics import EngineStats, Snapshot
 from .sequence import SeqStatus, Sequence, TokenEvent
 from .tokenizer import Tokenizer
@@ -24,8 +30,22 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+def pod_hash_seed(params: SimParams) -> str | None:
+    """The seed of the pod's ``NONE_HASH``: its ``PYTHONHASHSEED``; unset, the sha256 variants
+    use vLLM's fixed default and the xxhash variants a random one (as vLLM, unreproducible)."""
+    if params.hash_seed:
+        return params.hash_seed
+    if params.prefix_caching_hash_algo.startswith("xxhash"):
+        return secrets.token_hex(16)
+    return None
+
+
 class RequestRejected(ValueError):
     """The request can never run on this engine (too long for the model or the cache)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(slots=True)
@@ -39,12 +59,24 @@ class StepPlan:
 class Engine:
     """Scheduler, KV cache and clock for one pod; run ``start()`` inside an event loop."""
 
-    def __init__(self, params: SimParams) -> None:
+    def __init__(
+        self, params: SimParams, publish: Callable[[list[Event]], None] | None = None
+    ) -> None:
         self.params = params
-        self.kv = KVCacheManager(
-            params.num_gpu_blocks, params.block_size, params.enable_prefix_caching
+        self.hasher = BlockHasher(
+            params.prefix_caching_hash_algo, params.block_size, pod_hash_seed(params)
         )
-        self.stats = EngineStats()
+        self.kv = KVCacheManager(
+            params.num_gpu_blocks,
+            params.block_size,
+            params.enable_prefix_caching,
+            self.hasher,
+            record_events=publish is not None,
+        )
+        self._publish = publish
+        self.lora_enabled = False
+        """Record ``lora_requests_info`` every step (vLLM's ``--enable-lora``)."""
+        self.stats = EngineStats(max_model_len=params.max_model_len)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps = 0
@@ -86,16 +118,18 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
 
     def check(self, prompt_len: int, max_tokens: int) -> None:
-        """Reject what could never be scheduled, as vLLM does with a 400."""
+        """Reject what could never be scheduled, as vLLM does with a 400 (callers clamp
+        ``max_tokens`` to the room the prompt leaves first, as vLLM does)."""
         limit = self.params.max_model_len
         if prompt_len < 1:
             raise RequestRejected("The prompt must contain at least one token.")
         if prompt_len + max_tokens > limit:
             raise RequestRejected(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
-                f"{max_tokens} in the completion). Please reduce the length of the messages "
-                "or completion."
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"contains at least {limit + 1} input tokens, which exceeds this limit even "
+                "without any output tokens. Please reduce the length of the input prompt. "
+                f"(parameter=input_tokens, value={limit + 1})",
+                "input_tokens",
             )
         capacity = self.kv.num_blocks * self.kv.block_size
         if prompt_len + max_tokens > capacity:
@@ -127,12 +161,19 @@ class Engine:
     def snapshot(self) -> Snapshot:
         running_loras = sorted({s.lora for s in self.running if s.lora})
         waiting_loras = sorted({s.lora for s in self.waiting if s.lora})
+        full = set(running_loras)
+        deferred = sum(
+            1
+            for s in self.waiting
+            if s.lora and s.lora not in full and len(full) >= self.params.max_loras
+        )
         return Snapshot(
             running=len(self.running),
             waiting=len(self.waiting),
             kv_usage=self.kv.usage,
             running_loras=running_loras,
             waiting_loras=waiting_loras,
+            deferred=deferred,
         )
 
     # -- the loop ------------------------------------------------------------------------------
@@ -160,6 +201,25 @@ class Engine:
             except Exception:  # a bug must not wedge the pod silently
                 log.exception("engine step failed")
                 raise
+            self.flush_events()
+            if self.lora_enabled:
+                snapshot = self.snapshot()
+                key = (",".join(snapshot.running_loras), ",".join(snapshot.waiting_loras))
+                self.stats.lora_info[key] = time.time()
+
+    def flush_events(self) -> None:
+        """Hand the KV events of the step just done to the publisher, as one batch (vLLM
+        takes them once per engine step)."""
+        if self._publish is not None:
+            events = self.kv.take_events()
+            if events:
+                self._publish(events)
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's ``/reset_prefix_cache``. As in vLLM, the ``AllBlocksCleared`` event goes out
+        with the events of the engine's next step, so an idle pod announces it only when the
+        next request runs."""
+        return self.kv.reset_prefix_cache()
 
     def step_duration(self, plan: StepPlan) -> float:
         """Prefill cost of uncached tokens plus a decode cost growing with the batch."""
@@ -224,6 +284,8 @@ class Engine:
             if not seq.prompt_counted:
                 seq.prompt_counted = True
                 self.stats.prompt_tokens += len(seq.prompt_ids)
+                seq.num_prompt_cached_tokens = min(found.num_cached_tokens, len(seq.prompt_ids))
+                self.stats.prompt_tokens_cached += seq.num_prompt_cached_tokens
         self.waiting.extendleft(reversed(skipped))
         return prefill_tokens
 
@@ -232,10 +294,12 @@ class Engine:
         self.kv.free(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
+        seq.num_preemptions += 1
         self.stats.preemptions += 1
 
     def _complete(self, plan: StepPlan, now: float) -> None:
         self.steps += 1
+        self.stats.iteration_tokens.observe(plan.prefill_tokens + len(plan.batch))
         vocab = self.params.vocab_size
         for seq in plan.batch:
             if seq.status is not SeqStatus.RUNNING:
@@ -250,6 +314,8 @@ class Engine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.stats.ttft.observe(now - seq.arrival_time)
+                if seq.first_scheduled_time is not None:
+                    self.stats.prefill_time.observe(now - seq.first_scheduled_time)
             elif seq.last_token_time is not None:
                 self.stats.itl.observe(now - seq.last_token_time)
             seq.last_token_time = now
@@ -263,8 +329,7 @@ class Engine:
     def _retire(self, seq: Sequence, reason: str, now: float) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
-        self.stats.e2e.observe(now - seq.arrival_time)
-        self.stats.count_success(reason)
+        self.stats.record_finished(seq, reason, now)
         self.requests_finished += 1
         self._finish(seq, reason, now)
 

@@ -1,20 +1,24 @@
 """Paged KV cache with automatic prefix caching, modelled on vLLM v1's block pool.
 
-Full blocks are named by a chained hash (previous block's hash + this block's token ids, salted
-with the LoRA adapter), so two prompts share cached blocks exactly as far as their token
-prefixes agree. Blocks held by running sequences are pinned; freed blocks keep their hash and
-sit in an LRU free queue until a new allocation needs them, which is when they are evicted.
+Full blocks are named by vLLM's own chained block hash (``extproc.kvevents.block_hash``: the
+previous block's digest, this block's token ids, the LoRA adapter), so two prompts share cached
+blocks exactly as far as their token prefixes agree, and the names published in KV events are
+the ones a real pod would publish for the same tokens. Blocks held by running sequences are
+pinned; freed blocks keep their hash and sit in an LRU free queue until a new allocation needs
+them, which is when they are evicted. Like vLLM, two blocks may hold the same hash (two requests
+filled equal blocks at once): each is stored, published and evicted on its own.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
+from extproc.kvevents.block_hash import BlockHasher, external_hash
+
+from . import kv_events
 from .sequence import Sequence
-
-_ROOT_HASH = 0x5EED
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,15 +30,32 @@ class CacheLookup:
 
 
 class KVCacheManager:
-    """Allocates ``num_blocks`` blocks of ``block_size`` tokens to sequences."""
+    """Allocates ``num_blocks`` blocks of ``block_size`` tokens to sequences.
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    With ``record_events`` every store, eviction and reset is queued as a vLLM KV event;
+    ``take_events()`` hands them over once per engine step.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        hasher: BlockHasher | None = None,
+        record_events: bool = False,
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.hasher = hasher or BlockHasher("sha256", block_size)
+        if self.hasher.block_size != block_size:
+            raise ValueError("the hasher's block size differs from the cache's")
+        self.record_events = record_events
+        self._events: list[kv_events.Event] = []
         self._ref_count = [0] * num_blocks
-        self._block_hash: list[int | None] = [None] * num_blocks
-        self._cached: dict[int, int] = {}
+        self._block_hash: list[bytes | None] = [None] * num_blocks
+        # Digest -> blocks holding it (insertion order: lookups reuse the first).
+        self._cached: dict[bytes, dict[int, None]] = {}
         # Unreferenced blocks, least recently freed first: allocation evicts from the head.
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
 
@@ -52,7 +73,7 @@ class KVCacheManager:
     @property
     def num_cached_blocks(self) -> int:
         """Blocks holding a reusable prefix (referenced or not)."""
-        return len(self._cached)
+        return sum(len(blocks) for blocks in self._cached.values())
 
     @property
     def usage(self) -> float:
@@ -70,12 +91,17 @@ class KVCacheManager:
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._extend_hashes(seq, max_blocks)
         hits: list[int] = []
-        for block_hash in seq.block_hashes[:max_blocks]:
-            block = self._cached.get(block_hash)
-            if block is None:
+        for digest in seq.block_hashes[:max_blocks]:
+            blocks = self._cached.get(digest)
+            if not blocks:
                 break
-            hits.append(block)
+            hits.append(next(iter(blocks)))
         return CacheLookup(tuple(hits), len(hits) * self.block_size)
+
+    def take_events(self) -> list[kv_events.Event]:
+        """The events queued since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
 
     # -- allocation ----------------------------------------------------------------------------
 
@@ -103,20 +129,34 @@ class KVCacheManager:
         return True
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Publish every newly filled block of ``seq`` in the prefix cache."""
+        """Cache every newly filled block of ``seq`` (and record one ``BlockStored``)."""
         if not self.enable_prefix_caching:
             return
+        first = seq.num_registered_blocks
         full = min(seq.num_tokens // self.block_size, len(seq.block_ids))
-        if full <= seq.num_registered_blocks:
+        if full <= first:
             return
         self._extend_hashes(seq, full)
-        for index in range(seq.num_registered_blocks, full):
-            block_hash = seq.block_hashes[index]
+        for index in range(first, full):
+            digest = seq.block_hashes[index]
             block = seq.block_ids[index]
-            if block_hash not in self._cached and self._block_hash[block] is None:
-                self._cached[block_hash] = block
-                self._block_hash[block] = block_hash
+            self._block_hash[block] = digest
+            self._cached.setdefault(digest, {})[block] = None
         seq.num_registered_blocks = full
+        if self.record_events:
+            size = self.block_size
+            parent = external_hash(seq.block_hashes[first - 1]) if first else None
+            self._events.append(
+                kv_events.block_stored(
+                    [external_hash(d) for d in seq.block_hashes[first:full]],
+                    parent,
+                    seq.token_ids()[first * size : full * size],
+                    size,
+                    seq.lora_id,
+                    seq.lora,
+                    [_event_extra_keys(seq, index) for index in range(first, full)],
+                )
+            )
 
     def free(self, seq: Sequence) -> None:
         """Unpin ``seq``'s blocks; they stay cached, tail blocks first in line for eviction."""
@@ -128,11 +168,14 @@ class KVCacheManager:
         seq.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every unreferenced cached block (vLLM's ``/reset_prefix_cache``)."""
+        """Forget every cached block (vLLM's ``/reset_prefix_cache``); refused while any
+        block is pinned."""
         if self.num_used_blocks:
             return False
         self._cached.clear()
         self._block_hash = [None] * self.num_blocks
+        if self.record_events:
+            self._events.append(kv_events.all_blocks_cleared())
         return True
 
     # -- internals -----------------------------------------------------------------------------
@@ -144,25 +187,34 @@ class KVCacheManager:
 
     def _pop_free(self) -> int:
         block, _ = self._free.popitem(last=False)
-        old_hash = self._block_hash[block]
-        if old_hash is not None:
-            del self._cached[old_hash]
-            self._block_hash[block] = None
+        digest = self._block_hash[block]
+        if digest is not None:
+            self._evict(block, digest)
         self._ref_count[block] = 1
         return block
 
+    def _evict(self, block: int, digest: bytes) -> None:
+        holders = self._cached[digest]
+        del holders[block]
+        if not holders:
+            del self._cached[digest]
+        self._block_hash[block] = None
+        if self.record_events:
+            self._events.append(kv_events.block_removed([external_hash(digest)]))
+
     def _extend_hashes(self, seq: Sequence, upto_blocks: int) -> None:
-        hashes = seq.block_hashes
-        if len(hashes) >= upto_blocks:
+        if len(seq.block_hashes) >= upto_blocks:
             return
-        size = self.block_size
-        tokens = seq.token_ids()
-        previous = hashes[-1] if hashes else _root_hash(seq.lora)
-        for index in range(len(hashes), upto_blocks):
-            previous = hash((previous, *tokens[index * size : (index + 1) * size]))
-            hashes.append(previous)
+        lora = (seq.lora, seq.lora_path or "") if seq.lora else None
+        self.hasher.chain(seq.token_ids(), seq.block_hashes, upto_blocks, lora, seq.cache_salt)
 
 
-def _root_hash(lora: str | None) -> int:
-    """Chain seed: adapters never share KV with the base model or each other."""
-    return _ROOT_HASH if lora is None else zlib.crc32(lora.encode()) ^ _ROOT_HASH
+def _event_extra_keys(seq: Sequence, index: int) -> list[Any] | None:
+    """Block ``index``'s extra keys as events show them: untagged (the adapter's name, the
+    salt on block 0), while the hash itself uses the tagged keys."""
+    keys: list[Any] = []
+    if seq.lora:
+        keys.append(seq.lora)
+    if seq.cache_salt and index == 0:
+        keys.append(seq.cache_salt)
+    return keys or None

@@ -37,6 +37,11 @@ class Sequence:
     prompt_ids: list[int]
     max_tokens: int
     lora: str | None = None
+    """The LoRA adapter's name (``None`` for the base model)."""
+    lora_path: str | None = None
+    lora_id: int | None = None
+    """The adapter's integer id on this pod (vLLM's ``lora_int_id``, shown in KV events)."""
+    cache_salt: str | None = None
     stream: bool = False
     arrival_time: float = 0.0
     seq_id: int = field(default_factory=lambda: next(_ids))
@@ -44,10 +49,14 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     # KV cache bookkeeping (owned by KVCacheManager).
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Digests of the full blocks hashed so far (vLLM's chained block hashes)."""
     num_registered_blocks: int = 0
     # Outcome and timing.
     num_cached_tokens: int = 0
+    num_prompt_cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache when the request was first scheduled."""
+    num_preemptions: int = 0
     prompt_counted: bool = False
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

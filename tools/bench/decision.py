@@ -82,7 +82,12 @@ def _pipeline(pods: int, now: float) -> tuple[Pipeline, PrefixProducer]:
         )
         readings.publish(name, Reading(metrics, now, now))
     prefix = PrefixProducer(
-        PrefixSettings(), CharacterTokenizer(), PrefixIndex(1_000_000, 600), telemetry
+        PrefixSettings(),
+        CharacterTokenizer(),
+        PrefixIndex(1_000_000, 600),
+        telemetry,
+        registry,
+        readings,
     )
     pipeline = Pipeline(
         RoutingSettings(),
