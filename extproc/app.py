@@ -197,6 +197,7 @@ class Server:
                 max_body_bytes=settings.max_body_bytes,
                 destination_endpoint_header=settings.destination_endpoint_header,
                 prefix_index=self.prefix.index,
+                kv_events=self.kv_events,
             ),
             self._grpc,
         )

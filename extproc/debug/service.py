@@ -22,6 +22,7 @@ from extproc.envoy.headers import DESTINATION_ENDPOINT, MODEL, REQUEST_ID, TARGE
 from extproc.envoy.headers import request_id as accepted_request_id
 from extproc.errors import GatewayError
 from extproc.fleet.registry import Pod
+from extproc.kvevents.events import KvEvents
 from extproc.prefix.index import PrefixIndex
 from extproc.routing.accounting import Accounting
 from extproc.routing.openai_request import INFERENCE_PATHS, Endpoint
@@ -53,6 +54,7 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
         max_body_bytes: int,
         destination_endpoint_header: bool,
         prefix_index: PrefixIndex | None,
+        kv_events: KvEvents | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._strategy_header = strategy_header
@@ -60,6 +62,7 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
         self._max_body_bytes = max_body_bytes
         self._destination_header = destination_endpoint_header
         self._index = prefix_index
+        self._kv = kv_events
 
     async def Explain(self, request: pb.ExplainRequest, context: Context) -> pb.ExplainResponse:
         try:
@@ -76,12 +79,15 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
         pipeline = self._pipeline
         now = time.monotonic()
         pods = [
-            _pod_message(
-                pod,
+            self._describe(
+                _pod_message(
+                    pod,
+                    now,
+                    pipeline.readings,
+                    pipeline.accounting,
+                    self._index.held(pod.name) if self._index is not None else 0,
+                ),
                 now,
-                pipeline.readings,
-                pipeline.accounting,
-                self._index.held(pod.name) if self._index is not None else 0,
             )
             for pod in pipeline.registry.pods()
             if not request.model
@@ -93,7 +99,8 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        fleet = self._pipeline.registry
+        pipeline = self._pipeline
+        fleet = pipeline.registry
         serving: dict[str, int] = {}
         for pod in fleet.pods():
             for name in (pod.spec.model, *pod.spec.adapters):
@@ -104,10 +111,38 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
                 parent=info.parent or "",
                 ready_pods=len(fleet.candidates(info.id)),
                 pods=serving.get(info.id, 0),
+                in_flight=pipeline.accounting.model_in_flight(info.id),
+                held_requests=pipeline.holds.held(info.id),
             )
             for info in fleet.models()
         ]
         return pb.ListModelsResponse(models=models)
+
+    def _describe(self, message: pb.Pod, now: float) -> pb.Pod:
+        """Add what outlier detection and the KV-event subscriber know of the pod."""
+        state = self._pipeline.health.state(message.name)
+        if state is not None and state.ejected_until > now:
+            message.ejected = True
+            message.ejected_for_seconds = state.ejected_until - now
+            message.ejection_reason = state.reason
+        kv = self._kv
+        events = kv.states.get(message.name) if kv is not None else None
+        if kv is not None and events is not None:
+            out = message.kv_events
+            out.endpoint = events.endpoint
+            out.connected = events.connected
+            out.precise = kv.hasher(message.name, now) is not None
+            lag = kv.lag(message.name)
+            if lag is not None:
+                out.lag_seconds = lag
+            out.messages = events.received
+            out.gaps = events.gaps
+            out.resyncs = events.resyncs
+            out.blocks = kv.index.held(message.name)
+            if events.block_size:
+                out.block_size = events.block_size
+            out.error = events.error
+        return message
 
     # -- Explain -------------------------------------------------------------------------------
 
@@ -143,6 +178,7 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
             prompt_blocks=prefix.prompt_tokens // prefix.block_tokens if prefix is not None else 0,
             prompt_length=ctx.prompt_tokens if ctx is not None else ticket.request.prompt_tokens,
             uses_prefix=plan is not None and PREFIX in plan.consumes,
+            held_requests=self._pipeline.holds.held(route.model),
             candidates=[_candidate(ctx, i) for i in range(len(ctx.pods))] if ctx else [],
         )
         answer.upstream_headers[MODEL] = route.model
@@ -204,6 +240,8 @@ def _candidate(ctx: RoutingContext, index: int) -> pb.Candidate:
         in_flight=pod.in_flight,
         sent_since_scrape=pod.sent_since_scrape,
         prefix_match_blocks=prefix.matched[index] // prefix.block_tokens if prefix else 0,
+        prefix_match_tokens=prefix.matched[index] if prefix else 0,
+        prefix_precise=prefix.precise[index] if prefix else False,
         metrics_fresh=pod.metrics is not None,
     )
 

@@ -295,3 +295,14 @@ async def test_list_pods_and_models(make_server, debug) -> None:
         "m1-lora": ("m1", 1, 1),
         "m2": ("", 0, 1),
     }
+
+
+async def test_list_pods_shows_ejected_pods(make_server, debug) -> None:
+    from extproc.fleet.health import UNREACHABLE
+
+    server = await make_server()
+    server.pod_health.failed("pod-a", UNREACHABLE)
+    pods = {p.name: p for p in (await debug(server).ListPods(pb.ListPodsRequest())).pods}
+    assert pods["pod-a"].ejected and pods["pod-a"].ejection_reason == "unreachable"
+    assert 0 < pods["pod-a"].ejected_for_seconds <= 1.0
+    assert not pods["pod-b"].ejected and not pods["pod-b"].HasField("ejected_for_seconds")

@@ -45,8 +45,10 @@ async def server(make_server: Callable[..., Any], fleet: SimulatorFleet) -> Serv
     ]
     started: Server = await make_server(pods=pods, tokenizer="remote", scrape_interval="50ms")
     await eventually(
-        lambda: all(s.connected for s in started.kv_events.states.values())
-        and len(started.kv_events.states) == 3,
+        lambda: (
+            all(s.connected for s in started.kv_events.states.values())
+            and len(started.kv_events.states) == 3
+        ),
         timeout=10,
     )
     await eventually(lambda: all(started.readings.get(p.name) for p in fleet), timeout=10)
@@ -87,9 +89,11 @@ async def test_announced_blocks_attract_and_removed_ones_stop(
     await eventually(lambda: held(server, "b") >= 6)
     assert await routed_to(server, PROMPT) == f"127.0.0.1:{b.port}"
     # b drops its cache: the next engine step announces it, and b attracts nothing more
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{b.url}/reset_prefix_cache") as response:
-            assert response.status == 200
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{b.url}/reset_prefix_cache") as response,
+    ):
+        assert response.status == 200
     await complete_on(b.url, [7, 8, 9])  # a step, for the reset to be published
     await eventually(lambda: held(server, "b") == 0)
 
@@ -111,3 +115,31 @@ async def test_a_restarted_pod_starts_with_nothing(fleet: SimulatorFleet, server
     hasher = server.kv_events.hasher("c", 0.0)
     assert hasher is not None
     assert server.kv_events.index.leading(hasher.hashes(PROMPT), ["c"]) == [0]
+
+
+async def test_the_debug_api_shows_exact_matching(fleet: SimulatorFleet, server: Server) -> None:
+    import grpc
+
+    from extproc.debug.v1 import debug_pb2 as pb
+    from extproc.debug.v1.debug_pb2_grpc import RouterDebugStub
+
+    a = fleet.pod("a")
+    await complete_on(a.url, PROMPT)
+    await eventually(lambda: held(server, "a") >= 6)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = RouterDebugStub(channel)
+        pods = {p.name: p for p in (await stub.ListPods(pb.ListPodsRequest())).pods}
+        events = pods["a"].kv_events
+        assert events.connected and events.precise and events.blocks >= 6
+        assert events.block_size == 16 and events.messages >= 1 and events.HasField("lag_seconds")
+        explained = await stub.Explain(
+            pb.ExplainRequest(
+                path="/v1/completions",
+                body=orjson.dumps({"model": MODEL, "prompt": PROMPT}).decode(),
+                strategy="prefix-cache",
+            )
+        )
+    by_pod = {c.pod: c for c in explained.candidates}
+    assert explained.pod == "a"
+    assert by_pod["a"].prefix_precise and by_pod["a"].prefix_match_tokens == 96
+    assert all(c.prefix_precise for c in explained.candidates)

@@ -55,6 +55,7 @@ async def test_a_held_request_goes_to_the_first_pod_that_becomes_ready(
         assert extension.HasField("override_message_timeout")
         assert extension.override_message_timeout.seconds >= 60
         await eventually(lambda: server.holds.held(COLD) == 1)
+        await shows_held(server, 1)
         add_pod(server)
         (routed,) = await stream.read(timeout=10)
         assert ep.set_headers(routed)["target-pod"] == POD["address"]
@@ -128,3 +129,16 @@ async def test_unknown_models_are_still_404_and_holding_can_be_off(
         await stream2.close()
     finally:
         await stream.close()
+
+
+async def shows_held(server: Server, count: int) -> None:
+    import grpc
+
+    from extproc.debug.v1 import debug_pb2 as pb
+    from extproc.debug.v1.debug_pb2_grpc import RouterDebugStub
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = RouterDebugStub(channel)
+        models = {m.id: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
+        assert models[COLD].held_requests == count and models[COLD].in_flight == count
+        assert models[COLD].ready_pods == 0

@@ -52,7 +52,7 @@ class StrategyScore(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("pod", "address", "score", "scores", "load", "in_flight", "sent_since_scrape", "prefix_match_blocks", "metrics_fresh", "best")
+    __slots__ = ("pod", "address", "score", "scores", "load", "in_flight", "sent_since_scrape", "prefix_match_blocks", "metrics_fresh", "best", "prefix_match_tokens", "prefix_precise")
     POD_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,8 @@ class Candidate(_message.Message):
     PREFIX_MATCH_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FRESH_FIELD_NUMBER: _ClassVar[int]
     BEST_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_MATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_PRECISE_FIELD_NUMBER: _ClassVar[int]
     pod: str
     address: str
     score: float
@@ -73,7 +75,9 @@ class Candidate(_message.Message):
     prefix_match_blocks: int
     metrics_fresh: bool
     best: bool
-    def __init__(self, pod: _Optional[str] = ..., address: _Optional[str] = ..., score: _Optional[float] = ..., scores: _Optional[_Iterable[_Union[StrategyScore, _Mapping]]] = ..., load: _Optional[float] = ..., in_flight: _Optional[int] = ..., sent_since_scrape: _Optional[int] = ..., prefix_match_blocks: _Optional[int] = ..., metrics_fresh: _Optional[bool] = ..., best: _Optional[bool] = ...) -> None: ...
+    prefix_match_tokens: int
+    prefix_precise: bool
+    def __init__(self, pod: _Optional[str] = ..., address: _Optional[str] = ..., score: _Optional[float] = ..., scores: _Optional[_Iterable[_Union[StrategyScore, _Mapping]]] = ..., load: _Optional[float] = ..., in_flight: _Optional[int] = ..., sent_since_scrape: _Optional[int] = ..., prefix_match_blocks: _Optional[int] = ..., metrics_fresh: _Optional[bool] = ..., best: _Optional[bool] = ..., prefix_match_tokens: _Optional[int] = ..., prefix_precise: _Optional[bool] = ...) -> None: ...
 
 class Fallback(_message.Message):
     __slots__ = ("strategy", "reason", "used")
@@ -86,7 +90,7 @@ class Fallback(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., reason: _Optional[str] = ..., used: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model", "path", "strategy", "routed_by_model", "pod", "address", "candidates", "fallbacks", "prompt_blocks", "prompt_length", "uses_prefix", "user", "request_id", "upstream_headers")
+    __slots__ = ("model", "path", "strategy", "routed_by_model", "pod", "address", "candidates", "fallbacks", "prompt_blocks", "prompt_length", "uses_prefix", "user", "request_id", "upstream_headers", "held_requests")
     class UpstreamHeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +112,7 @@ class ExplainResponse(_message.Message):
     USER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    HELD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     strategy: str
@@ -122,7 +127,8 @@ class ExplainResponse(_message.Message):
     user: str
     request_id: str
     upstream_headers: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., strategy: _Optional[str] = ..., routed_by_model: _Optional[bool] = ..., pod: _Optional[str] = ..., address: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., fallbacks: _Optional[_Iterable[_Union[Fallback, _Mapping]]] = ..., prompt_blocks: _Optional[int] = ..., prompt_length: _Optional[int] = ..., uses_prefix: _Optional[bool] = ..., user: _Optional[str] = ..., request_id: _Optional[str] = ..., upstream_headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    held_requests: int
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., strategy: _Optional[str] = ..., routed_by_model: _Optional[bool] = ..., pod: _Optional[str] = ..., address: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., fallbacks: _Optional[_Iterable[_Union[Fallback, _Mapping]]] = ..., prompt_blocks: _Optional[int] = ..., prompt_length: _Optional[int] = ..., uses_prefix: _Optional[bool] = ..., user: _Optional[str] = ..., request_id: _Optional[str] = ..., upstream_headers: _Optional[_Mapping[str, str]] = ..., held_requests: _Optional[int] = ...) -> None: ...
 
 class ListPodsRequest(_message.Message):
     __slots__ = ("model",)
@@ -179,7 +185,7 @@ class PodMetrics(_message.Message):
     def __init__(self, running: _Optional[float] = ..., waiting: _Optional[float] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[float] = ..., prefix_cache_hits: _Optional[float] = ..., prompt_tokens: _Optional[float] = ..., generation_tokens: _Optional[float] = ..., block_size: _Optional[int] = ..., num_gpu_blocks: _Optional[int] = ..., running_adapters: _Optional[_Iterable[str]] = ..., waiting_adapters: _Optional[_Iterable[str]] = ..., window: _Optional[_Union[MetricsWindow, _Mapping]] = ...) -> None: ...
 
 class Pod(_message.Message):
-    __slots__ = ("name", "address", "model", "adapters", "ready", "namespace", "metrics_url", "in_flight", "sent_since_scrape", "load", "metrics", "metrics_age_seconds", "metrics_fresh", "coldstart_seconds", "ready_for_seconds", "prefix_blocks")
+    __slots__ = ("name", "address", "model", "adapters", "ready", "namespace", "metrics_url", "in_flight", "sent_since_scrape", "load", "metrics", "metrics_age_seconds", "metrics_fresh", "coldstart_seconds", "ready_for_seconds", "prefix_blocks", "ejected", "ejected_for_seconds", "ejection_reason", "kv_events")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +202,10 @@ class Pod(_message.Message):
     COLDSTART_SECONDS_FIELD_NUMBER: _ClassVar[int]
     READY_FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EJECTION_REASON_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     model: str
@@ -212,7 +222,35 @@ class Pod(_message.Message):
     coldstart_seconds: float
     ready_for_seconds: float
     prefix_blocks: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., namespace: _Optional[str] = ..., metrics_url: _Optional[str] = ..., in_flight: _Optional[int] = ..., sent_since_scrape: _Optional[int] = ..., load: _Optional[float] = ..., metrics: _Optional[_Union[PodMetrics, _Mapping]] = ..., metrics_age_seconds: _Optional[float] = ..., metrics_fresh: _Optional[bool] = ..., coldstart_seconds: _Optional[float] = ..., ready_for_seconds: _Optional[float] = ..., prefix_blocks: _Optional[int] = ...) -> None: ...
+    ejected: bool
+    ejected_for_seconds: float
+    ejection_reason: str
+    kv_events: KvEvents
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., namespace: _Optional[str] = ..., metrics_url: _Optional[str] = ..., in_flight: _Optional[int] = ..., sent_since_scrape: _Optional[int] = ..., load: _Optional[float] = ..., metrics: _Optional[_Union[PodMetrics, _Mapping]] = ..., metrics_age_seconds: _Optional[float] = ..., metrics_fresh: _Optional[bool] = ..., coldstart_seconds: _Optional[float] = ..., ready_for_seconds: _Optional[float] = ..., prefix_blocks: _Optional[int] = ..., ejected: _Optional[bool] = ..., ejected_for_seconds: _Optional[float] = ..., ejection_reason: _Optional[str] = ..., kv_events: _Optional[_Union[KvEvents, _Mapping]] = ...) -> None: ...
+
+class KvEvents(_message.Message):
+    __slots__ = ("endpoint", "connected", "precise", "lag_seconds", "messages", "gaps", "resyncs", "blocks", "block_size", "error")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    PRECISE_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    GAPS_FIELD_NUMBER: _ClassVar[int]
+    RESYNCS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    connected: bool
+    precise: bool
+    lag_seconds: float
+    messages: int
+    gaps: int
+    resyncs: int
+    blocks: int
+    block_size: int
+    error: str
+    def __init__(self, endpoint: _Optional[str] = ..., connected: _Optional[bool] = ..., precise: _Optional[bool] = ..., lag_seconds: _Optional[float] = ..., messages: _Optional[int] = ..., gaps: _Optional[int] = ..., resyncs: _Optional[int] = ..., blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListPodsResponse(_message.Message):
     __slots__ = ("pods",)
@@ -225,16 +263,20 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "parent", "ready_pods", "pods")
+    __slots__ = ("id", "parent", "ready_pods", "pods", "in_flight", "held_requests")
     ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     READY_PODS_FIELD_NUMBER: _ClassVar[int]
     PODS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    HELD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     parent: str
     ready_pods: int
     pods: int
-    def __init__(self, id: _Optional[str] = ..., parent: _Optional[str] = ..., ready_pods: _Optional[int] = ..., pods: _Optional[int] = ...) -> None: ...
+    in_flight: int
+    held_requests: int
+    def __init__(self, id: _Optional[str] = ..., parent: _Optional[str] = ..., ready_pods: _Optional[int] = ..., pods: _Optional[int] = ..., in_flight: _Optional[int] = ..., held_requests: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
