@@ -75,7 +75,7 @@ class Server:
         # An endpoint picker must always pick: without a configured default, least-request.
         self.plans = Plans(routing, default=registry.FALLBACK if picker else None)
         self.users: UserStore = (
-            RedisUserStore(users.redis_url, users.redis_timeout)
+            RedisUserStore(users.redis_url, users.redis_timeout, users.redis_max_wait)
             if users.redis_url
             else MemoryUserStore()
         )

@@ -381,8 +381,15 @@ class UsersSettings:
     )
     redis_timeout: float = knob(
         0.1,
-        "bound on every Redis call (connect, rate-limit check, token charge, users API)",
+        "how long Redis may take to answer once a call is on the wire (connect included); time "
+        "queued locally, or while the event loop was too busy to read the answer, does not count",
         name="redis_timeout",
+    )
+    redis_max_wait: float = knob(
+        1.0,
+        "bound on one Redis round trip however busy the event loop: a call not answered by then "
+        "is a Redis failure even when stalls kept redis_timeout from telling",
+        name="redis_max_wait",
     )
     redis_failure_policy: Literal["fail-open", "fail-closed"] = knob(
         "fail-open",
@@ -416,6 +423,10 @@ class UsersSettings:
         ):
             raise ConfigError("redis_url", "must start with redis://, rediss:// or unix://")
         _positive(self, "redis_timeout")
+        if self.redis_timeout > self.redis_max_wait:
+            raise ConfigError(
+                "redis_timeout", f"must be at most redis_max_wait ({self.redis_max_wait:g}s)"
+            )
         if self.redis_retry_interval < 0:
             raise ConfigError("redis_retry_interval", "must be >= 0")
         for name in ("default_rpm", "default_tpm"):

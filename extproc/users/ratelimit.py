@@ -5,13 +5,15 @@ The check (``admit``) is one store call: it reads the user's limits, checks RPM 
 counts the request only if both pass, so a rejected request costs the user nothing. TPM is
 checked against tokens already charged; a request's own tokens are only known from its
 response's ``usage``, charged by ``charge`` when the exchange closes. Charges are batched by a
-background task (one Redis pipeline per wake-up), so closing an exchange never waits on I/O.
+background task (one pipelined batch per wake-up), so closing an exchange never waits on I/O.
 
-With Redis every call is bounded by ``redis_timeout``. A failed or timed-out check applies
+A Redis store bounds its own calls (``redis_timeout`` of Redis's time on the wire; queueing and
+a busy event loop do not count, see ``wire_timeout``). A check that fails applies
 ``redis_failure_policy`` (serve without limits, or 503), and for ``redis_retry_interval``
-afterwards checks skip Redis and apply it at once, so an outage costs requests no timeouts;
-the first check after that interval tries Redis again, which is how the gateway recovers
-without a restart. Failures are counted per call and logged at most every ``WARN_EVERY`` s.
+afterwards checks skip Redis and apply it at once, so an outage costs requests no timeouts; the
+first check after that interval tries Redis again, which is how the gateway recovers without a
+restart. A failed token charge is counted and logged, and changes nothing for checks. Failures
+are counted per call and logged at most every ``WARN_EVERY`` s per operation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
@@ -27,14 +30,22 @@ from extproc import errors
 from extproc.config import UsersSettings
 from extproc.telemetry import Telemetry
 from extproc.users.sliding_window import retry_after_seconds
-from extproc.users.store import Decision, UserStore, Verdict
+from extproc.users.store import Decision, UserStore, Verdict, name_problem, printable
 from strategies.context import Usage
 
 log = logging.getLogger(__name__)
 
 STORE_FAILURES = (RedisError, OSError, TimeoutError)
 WARN_EVERY = 10.0
-"""Seconds between two warnings about a failing store (the failures in between are counted)."""
+"""Seconds between two warnings about one failing operation (those in between are counted)."""
+
+
+@dataclass(slots=True)
+class _Warnings:
+    """One operation's warning throttle."""
+
+    warned_at: float = -WARN_EVERY
+    suppressed: int = 0
 
 
 class RateLimiter:
@@ -43,7 +54,6 @@ class RateLimiter:
     ) -> None:
         self._store = store
         self._remote = store.remote
-        self._timeout = settings.redis_timeout
         self._fail_closed = settings.redis_failure_policy == "fail-closed"
         self._policy = settings.redis_failure_policy
         self._retry_interval = settings.redis_retry_interval
@@ -56,8 +66,7 @@ class RateLimiter:
         )
         self._skip_until = 0.0
         self._failing = False
-        self._warned_at = -WARN_EVERY
-        self._suppressed = 0
+        self._warnings: dict[str, _Warnings] = {}
         self._pending: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -78,9 +87,17 @@ class RateLimiter:
     async def admit(self, user: str) -> bool:
         """Check and count one request of ``user``; true when its tokens must be charged.
 
-        Raises ``GatewayError``: 429 over a limit, 401 for an unknown user (unless unknown users
-        get default limits), 503 when the store fails and the policy is fail-closed.
+        Raises ``GatewayError``: 400 for a name no user can have (control characters...), 429
+        over a limit, 401 for an unknown user (unless unknown users get default limits), 503 when
+        the store fails and the policy is fail-closed.
         """
+        problem = name_problem(user)
+        if problem is not None:
+            raise errors.bad_request(
+                f"Invalid {self._header} header '{errors.clip(printable(user), 64)}': {problem}",
+                param=self._header,
+                code="invalid_user",
+            )
         started = time.perf_counter()
         verdict = await self._check(user)
         self._check_seconds.observe(time.perf_counter() - started)
@@ -111,10 +128,11 @@ class RateLimiter:
         if time.monotonic() < self._skip_until:
             return None
         try:
-            async with asyncio.timeout(self._timeout):
-                verdict = await self._store.admit(user, self._defaults)
+            verdict = await self._store.admit(user, self._defaults)
         except STORE_FAILURES as exc:
-            self._failure("admit", exc)
+            self._skip_until = time.monotonic() + self._retry_interval
+            self._failing = True
+            self._warn("admit", exc, f"applying the {self._policy} policy")
             return None
         if self._failing:
             self._recovered()
@@ -136,7 +154,7 @@ class RateLimiter:
         self._task = asyncio.create_task(self._run(), name="ratelimit-charges")
 
     async def stop(self) -> None:
-        """Send what is still queued (bounded by the timeout), then close the store."""
+        """Send what is still queued (bounded like any store call), then close the store."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -152,8 +170,10 @@ class RateLimiter:
             await self.flush()
 
     async def flush(self) -> None:
-        """Charge everything queued, in one store call. A failed batch is dropped and counted:
-        re-applying it later would put old tokens in a newer part of the window."""
+        """Charge everything queued, in one store call. A failed batch is dropped, counted and
+        logged, and nothing else: re-applying it later would put old tokens in a newer part of
+        the window, and checks keep going to Redis (they learn of trouble from their own calls,
+        so one slow charge batch cannot turn every user away)."""
         charges = self._pending
         if not charges:
             return
@@ -162,32 +182,32 @@ class RateLimiter:
             await self._store.charge(charges)
             return
         try:
-            async with asyncio.timeout(self._timeout):
-                await self._store.charge(charges)
+            await self._store.charge(charges)
         except STORE_FAILURES as exc:
-            self._failure("charge", exc)
+            dropped = f"{sum(charges.values())} tokens of {len(charges)} users dropped"
+            self._warn("charge", exc, dropped)
 
     # -- failures ------------------------------------------------------------------------------
 
-    def _failure(self, operation: str, exc: BaseException) -> None:
+    def _warn(self, operation: str, exc: BaseException, consequence: str) -> None:
+        """Count one failed call; warn unless this operation warned less than WARN_EVERY ago."""
         self._store_errors.labels(operation).inc()
+        warnings = self._warnings.setdefault(operation, _Warnings())
         now = time.monotonic()
-        self._skip_until = now + self._retry_interval
-        self._failing = True
-        if now - self._warned_at < WARN_EVERY:
-            self._suppressed += 1
+        if now - warnings.warned_at < WARN_EVERY:
+            warnings.suppressed += 1
             return
         log.warning(
-            "redis call failed; applying the %s policy",
-            self._policy,
+            "redis call failed; %s",
+            consequence,
             extra={
                 "operation": operation,
                 "error": str(exc) or type(exc).__name__,
-                "suppressed_since_last_warning": self._suppressed,
+                "suppressed_since_last_warning": warnings.suppressed,
             },
         )
-        self._warned_at = now
-        self._suppressed = 0
+        warnings.warned_at = now
+        warnings.suppressed = 0
 
     def _recovered(self) -> None:
         self._failing = False

@@ -1,6 +1,6 @@
 """The rate limits' window: what a user consumed over the last minute, in one-second buckets.
 
-The algorithm (the same here, for the in-memory store, and in ``ratelimit.lua`` for Redis): time
+The algorithm (the same here, for the in-memory store, and in ``users.lua`` for Redis): time
 is cut into buckets of ``BUCKET_MS``; an event (a request, or a response's tokens) is added to
 the bucket its time falls in. At time ``now`` the window holds the buckets ``current - BUCKETS``
 to ``current`` where ``current = now // BUCKET_MS``: 61 buckets that start 60 to 61 seconds ago.

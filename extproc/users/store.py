@@ -11,6 +11,7 @@ decide what they mean.
 from __future__ import annotations
 
 import time
+import unicodedata
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -19,18 +20,24 @@ from enum import IntEnum
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.typing import EncodableT
 
+from extproc.users.script_batcher import ScriptBatcher
 from extproc.users.sliding_window import BUCKET_MS, BUCKETS, WINDOW_MS, SlidingWindow
 
 MAX_LIMIT = 10**12
 """Largest rpm/tpm accepted (exact in the doubles Lua computes with)."""
 MAX_NAME_LENGTH = 256
-REDIS_CONNECTIONS = 64
-"""Connections per process; a request waiting for one counts against ``redis_timeout``."""
+FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+"""Unicode categories a user name may not contain: controls (C0, DEL, C1 such as U+0085 and
+U+009B), format characters (U+200B, U+202E and the other bidi overrides), line and paragraph
+separators, and lone surrogates. They would let a name hide or forge text in logs, terminals and
+headers."""
+CHECK_LANES = 4
+"""Batches of rate-limit checks on the wire at once, one connection each (see
+``script_batcher``): a batch carries every check that queued while the previous one was out."""
+MAX_BATCH = 128
+"""Checks per batch: a 1,000-request burst is 8 batches, on 4 connections."""
 KEY_PREFIX = "extproc:"
 
 
@@ -82,20 +89,36 @@ def name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a user name, or ``None``.
 
     Braces are refused because Redis keys put the name in a ``{hash tag}`` (Redis Cluster keeps
-    a user's keys in one slot); control characters because names end up in logs and headers.
+    a user's keys in one slot); control and format characters (``FORBIDDEN_CATEGORIES``) because
+    names end up in logs, error messages and headers.
     """
     if not name:
         return "must not be empty"
     if len(name) > MAX_NAME_LENGTH:
         return f"must be at most {MAX_NAME_LENGTH} characters"
-    if any(ch in "{}" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
-        return "must not contain braces or control characters"
+    if "{" in name or "}" in name:
+        return "must not contain braces"
+    if not name.isprintable():  # a superset of the forbidden categories; the common case is fast
+        for ch in name:
+            if unicodedata.category(ch) in FORBIDDEN_CATEGORIES:
+                return f"must not contain control or format characters (found U+{ord(ch):04X})"
     return None
+
+
+def printable(name: str) -> str:
+    """``name`` with its forbidden characters written as ``\\uXXXX``, safe to echo or log."""
+    if name.isprintable():
+        return name
+    return "".join(
+        f"\\u{ord(ch):04x}" if unicodedata.category(ch) in FORBIDDEN_CATEGORIES else ch
+        for ch in name
+    )
 
 
 class UserStore(ABC):
     remote: bool = False
-    """True when calls leave the process (they then need a timeout and a failure policy)."""
+    """True when calls leave the process: they then bound their own time (raising
+    ``TimeoutError``) and may fail, and the caller applies a failure policy."""
 
     @abstractmethod
     async def create(self, user: User) -> None:
@@ -218,69 +241,63 @@ class MemoryUserStore(UserStore):
 
 
 class RedisUserStore(UserStore):
-    """Users and windows in Redis, shared by every replica; each call is one round trip.
+    """Users and windows in Redis, shared by every replica; each call is one script call.
 
     Keys: ``extproc:{<name>}:user`` (hash name/rpm/tpm), ``extproc:{<name>}:rpm`` and
-    ``extproc:{<name>}:tpm`` (windows, expiring 61 s after their last write). Connections are
-    bounded by ``timeout`` (connect, read, waiting for a free one). A connection error is retried
-    once at once, so pooled connections left stale by a Redis restart cost no failed call; a
-    timeout is not retried: the rate limiter decides what a failure means.
+    ``extproc:{<name>}:tpm`` (windows, expiring 61 s after their last write). Checks go through
+    their own batcher (``CHECK_LANES`` connections); charges and the users API share another
+    (one connection), so neither ever waits behind the other. Every call is bounded by
+    ``timeout`` of Redis's time on the wire, ``max_wait`` in all (``wire_timeout``).
     """
 
     remote = True
 
-    def __init__(self, url: str, timeout: float) -> None:
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=REDIS_CONNECTIONS,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        self._redis = Redis(connection_pool=pool)
+    def __init__(self, url: str, timeout: float, max_wait: float) -> None:
         source = resources.files("extproc.users").joinpath("users.lua").read_text()
-        self._script = self._redis.register_script(source)
+        self._checks = ScriptBatcher(
+            url, source, lanes=CHECK_LANES, max_batch=MAX_BATCH, timeout=timeout, max_wait=max_wait
+        )
+        self._writes = ScriptBatcher(
+            url, source, lanes=1, max_batch=MAX_BATCH, timeout=timeout, max_wait=max_wait
+        )
 
     async def create(self, user: User) -> None:
-        created = await self._call("create", user.name, user.name, user.rpm, user.tpm)
+        created = await self._write("create", user.name, user.name, user.rpm, user.tpm)
         if not created:
             raise UserExists(user.name)
 
     async def read(self, name: str) -> User:
-        rpm, tpm = await self._redis.hmget(_key(name, "user"), ["rpm", "tpm"])
-        if rpm is None:
-            raise UserNotFound(name)
-        return User(name, int(rpm), int(tpm or 0))
+        return User(name, *_limits(name, await self._write("read", name)))
 
     async def update(self, name: str, rpm: int | None, tpm: int | None) -> User:
-        row = await self._call("update", name, _arg(rpm), _arg(tpm))
-        if row is None:
-            raise UserNotFound(name)
-        return User(name, int(row[0]), int(row[1] or 0))
+        return User(name, *_limits(name, await self._write("update", name, _arg(rpm), _arg(tpm))))
 
     async def delete(self, name: str) -> None:
-        if not await self._call("delete", name):
+        if not await self._write("delete", name):
             raise UserNotFound(name)
 
     async def admit(self, name: str, defaults: tuple[int, int] | None) -> Verdict:
         rpm, tpm = defaults if defaults is not None else ("", "")
-        decision, limit, wait, user_tpm = await self._call("admit", name, rpm, tpm)
+        args = ("admit", BUCKET_MS, BUCKETS, rpm, tpm)
+        decision, limit, wait, user_tpm = await self._checks.call(_keys(name), args)
         if decision == Decision.ADMITTED and not user_tpm:
             return UNLIMITED
         return Verdict(Decision(decision), int(limit), int(wait), int(user_tpm))
 
     async def charge(self, charges: Mapping[str, int]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for name, tokens in charges.items():
-                await self._script(_keys(name), ("charge", BUCKET_MS, BUCKETS, tokens), pipe)
-            await pipe.execute()
+        await self._writes.call_many(
+            [
+                (_keys(name), ("charge", BUCKET_MS, BUCKETS, tokens))
+                for name, tokens in charges.items()
+            ]
+        )
 
     async def close(self) -> None:
-        await self._redis.aclose(close_connection_pool=True)
+        await self._checks.close()
+        await self._writes.close()
 
-    async def _call(self, op: str, name: str, *args: str | int) -> Any:
-        return await self._script(_keys(name), (op, BUCKET_MS, BUCKETS, *args))
+    async def _write(self, op: str, name: str, *args: EncodableT) -> Any:
+        return await self._writes.call(_keys(name), (op, BUCKET_MS, BUCKETS, *args))
 
 
 def _key(name: str, kind: str) -> str:
@@ -289,6 +306,13 @@ def _key(name: str, kind: str) -> str:
 
 def _keys(name: str) -> tuple[str, str, str]:
     return (_key(name, "user"), _key(name, "rpm"), _key(name, "tpm"))
+
+
+def _limits(name: str, row: list[bytes | None] | None) -> tuple[int, int]:
+    """A row's ``(rpm, tpm)``; ``UserNotFound`` when the script found none."""
+    if row is None or row[0] is None:
+        raise UserNotFound(name)
+    return int(row[0]), int(row[1] or 0)
 
 
 def _arg(value: int | None) -> int | str:

@@ -1,9 +1,9 @@
--- Every write the Redis users store makes, one atomic script call each (see extproc/users.py).
+-- Every call the Redis users store makes, one atomic script call each (see store.py).
 --
 -- KEYS[1] the user row (hash: name, rpm, tpm); KEYS[2] its request window; KEYS[3] its token
 -- window. A window is a hash of bucket number -> amount, the algorithm of
--- extproc/sliding_window.py. The three keys share a {hash tag}, so Redis Cluster keeps them in
--- one slot. The time is Redis's own (TIME), so every gateway replica uses the same clock.
+-- extproc/users/sliding_window.py. The three keys share a {hash tag}, so Redis Cluster keeps
+-- them in one slot. The time is Redis's own (TIME), so every gateway replica uses the same clock.
 --
 -- ARGV[1] the operation, ARGV[2] the bucket width in ms, ARGV[3] the number of buckets in the
 -- window; further arguments depend on the operation.
@@ -99,6 +99,14 @@ if op == 'create' then
   end
   redis.call('HSET', KEYS[1], 'name', ARGV[4], 'rpm', ARGV[5], 'tpm', ARGV[6])
   return 1
+end
+
+if op == 'read' then
+  -- Returns the row's {rpm, tpm}, or nil if unknown.
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    return false
+  end
+  return redis.call('HMGET', KEYS[1], 'rpm', 'tpm')
 end
 
 if op == 'update' then

@@ -1,10 +1,13 @@
 """Users and rate limits through a real Envoy: the seed's scenario on the embedded default (users
 in memory) and on a real redis-server, TPM charged from plain and streamed answers, two servers
-sharing one Redis, and Redis going away under both failure policies."""
+sharing one Redis (also under a burst), Redis going away under both failure policies, and user
+headers no user can have."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -177,6 +180,46 @@ async def test_two_servers_share_one_limit(
         assert json.loads(body)["error"]["message"] == "user: shared has exceeded RPM: 4"
 
 
+async def burst(
+    stacks: list[LocalStack], user: str, n: int, body: Mapping[str, Any] = SEED_CHAT
+) -> Counter[int]:
+    """``n`` requests of ``user`` at once, alternating between the stacks: statuses counted."""
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as session:
+
+        async def one(i: int) -> int:
+            url = stacks[i % len(stacks)].gateway_url + "/v1/chat/completions"
+            async with session.post(url, json=body, headers={"user": user}) as response:
+                await response.read()
+                return response.status
+
+        return Counter(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def test_a_burst_across_two_servers_admits_exactly_the_limit(
+    open_stack: LocalStack, closed_stack: LocalStack
+) -> None:
+    """Hundreds of requests at once used to make checks wait past redis_timeout for a connection
+    or a busy event loop, which counted as Redis failures: fail-open served hundreds over the
+    limit, fail-closed answered 503s."""
+    await users(closed_stack, "CreateUser", {"name": "burst", "rpm": 10})
+    statuses = await burst([open_stack, closed_stack], "burst", 1000)
+    assert statuses == Counter({200: 10, 429: 990})
+    for stack in (open_stack, closed_stack):
+        errors = await metric_samples(stack, "extproc_redis_errors_total")
+        assert errors.get('{operation="admit"}', 0) == 0
+
+
+@pytest.mark.parametrize("bad", ["\u0085", "\u009b", "\u2028", "\u202e"])
+async def test_a_user_header_no_user_can_have_is_a_400(any_stack: LocalStack, bad: str) -> None:
+    status, headers, body = await chat(any_stack, f"lgy{bad}")
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert (error["code"], error["param"]) == ("invalid_user", "user")
+    assert f"U+{ord(bad):04X}" in error["message"]
+
+
 async def test_redis_down_fails_open_and_recovers(
     open_stack: LocalStack, redis_e2e: RedisServer
 ) -> None:
@@ -205,7 +248,7 @@ async def test_redis_down_fails_open_and_recovers(
 async def test_redis_frozen_fails_closed_and_recovers(
     closed_stack: LocalStack, redis_e2e: RedisServer
 ) -> None:
-    assert (await users(closed_stack, "CreateUser", {"name": "closed", "rpm": 100}))[0] == 200
+    assert (await users(closed_stack, "CreateUser", {"name": "closed", "rpm": 10_000}))[0] == 200
     assert (await chat(closed_stack, "closed"))[0] == 200
     redis_e2e.pause()
     try:
@@ -214,6 +257,8 @@ async def test_redis_frozen_fails_closed_and_recovers(
             assert status == 503
             assert json.loads(body)["error"]["code"] == "rate_limits_unavailable"
             assert int(headers["retry-after"]) >= 1
+        # A burst on the frozen Redis: every request answered (none hangs past TIMEOUT).
+        assert await burst([closed_stack], "closed", 200) == Counter({503: 200})
     finally:
         redis_e2e.resume()
 

@@ -74,7 +74,7 @@ async def scraped(make_server: Any) -> dict[str, Any]:
 def readme_metrics() -> dict[str, tuple[str, set[str]]]:
     """The Observability table: exposed name -> (type, label names)."""
     text = (ROOT / "docs" / "observability.md").read_text()
-    section = text[text.index("# Observability") :]
+    section = text[text.index("## Metrics") :]
     rows = re.findall(r"^\| `(extproc_[a-z_]+)` \| (\w+) \| ?(.*?) ?\|$", section, re.MULTILINE)
     table = {}
     for name, kind, labels in rows:

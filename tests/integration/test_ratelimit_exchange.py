@@ -1,5 +1,6 @@
 """Rate limits inside the per-request state machine: where the check happens, what a rejection
-looks like, when the response body is asked for, and what is charged at the end."""
+looks like, when the response body is asked for, what is charged at the end, and bursts across
+two servers sharing one Redis."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from extproc.envoy.exchange import Exchange
 from extproc.users.store import User
 from strategies.vtc_basic import VtcBasic
 from tests import envoy_protocol as ep
+from tests.helpers import eventually
 from tools.redis_server import RedisServer
 
 CHAT = orjson.dumps({"model": "m1", "messages": [{"role": "user", "content": "hello"}]})
@@ -178,6 +180,90 @@ async def test_a_frozen_redis_never_holds_a_request(
     _, answers = await run(server, "lgy")  # Redis is back: checked (and counted) again
     assert len(answers) == 3
     assert metric(server, "extproc_ratelimit_decisions_total", decision="admitted") == 2
+
+
+def status_of(answers: list[ProcessingResponse]) -> int:
+    if answers[0].HasField("immediate_response"):
+        return int(answers[0].immediate_response.status.code)
+    return 200
+
+
+async def burst(servers: list[Server], user: str, n: int) -> list[int]:
+    """``n`` requests of ``user`` at once, alternating between the servers; their statuses."""
+    runs = (run(servers[i % len(servers)], user) for i in range(n))
+    return [status_of(answers) for _, answers in await asyncio.wait_for(asyncio.gather(*runs), 60)]
+
+
+@pytest.mark.parametrize("policy", ["fail-open", "fail-closed"])
+async def test_a_burst_across_two_servers_admits_exactly_the_limit(
+    make_server: Callable[..., Any], redis_server: RedisServer, policy: str
+) -> None:
+    """A slow answer caused by local queuing is not a Redis failure: 1,000 requests at once used
+    to trip the failure policy (fail-open admitted hundreds, fail-closed answered 503s)."""
+    servers = [
+        await make_server(redis_url=redis_server.url, redis_failure_policy=policy) for _ in range(2)
+    ]
+    await servers[0].users.create(User("bursty", rpm=10))
+    statuses = await burst(servers, "bursty", 1000)
+    assert statuses.count(200) == 10
+    assert statuses.count(429) == 990
+    for server in servers:
+        assert metric(server, "extproc_redis_errors_total", operation="admit") == 0
+    for server in servers:  # the window is shared: a second burst admits nothing
+        assert await burst([server], "bursty", 50) == [429] * 50
+
+
+@pytest.mark.parametrize("policy", ["fail-open", "fail-closed"])
+async def test_a_burst_on_a_frozen_redis_gets_the_policy_without_hanging(
+    make_server: Callable[..., Any], redis_server: RedisServer, policy: str
+) -> None:
+    servers = [
+        await make_server(redis_url=redis_server.url, redis_failure_policy=policy) for _ in range(2)
+    ]
+    await servers[0].users.create(User("frozen", rpm=100_000))
+    assert await burst(servers, "frozen", 2) == [200, 200]
+    redis_server.pause()
+    try:
+        statuses = await burst(servers, "frozen", 400)
+    finally:
+        redis_server.resume()
+    assert statuses == [200 if policy == "fail-open" else 503] * 400
+    decision = policy.replace("fail-", "failed_")
+    assert (
+        sum(
+            metric(server, "extproc_ratelimit_decisions_total", decision=decision)
+            for server in servers
+        )
+        == 400
+    )
+
+    def admitted() -> float:
+        return sum(
+            metric(server, "extproc_ratelimit_decisions_total", decision="admitted")
+            for server in servers
+        )
+
+    before = admitted()
+
+    async def checked_again() -> bool:  # Redis is back: no restart needed
+        await burst(servers, "frozen", 2)
+        return admitted() > before
+
+    await eventually(checked_again)
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\x85", "\u009b", "\u2028", "\u202e"])
+async def test_a_user_header_with_control_characters_is_a_400(
+    make_server: Callable[..., Any], bad: str
+) -> None:
+    server = await make_server()
+    _, (rejection,) = await run(server, f"lgy{bad}")
+    immediate = rejection.immediate_response
+    assert immediate.status.code == 400
+    error = orjson.loads(immediate.body)["error"]
+    assert (error["code"], error["param"]) == ("invalid_user", "user")
+    assert error["message"].startswith("Invalid user header 'lgy\\u")
+    assert bad not in error["message"]
 
 
 async def test_vtc_basic_counts_what_users_consume(make_server: Callable[..., Any]) -> None:

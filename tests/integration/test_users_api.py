@@ -120,6 +120,28 @@ async def test_invalid_requests_are_400(
     assert_error(document, code, param)
 
 
+@pytest.mark.parametrize("bad", ["\x00", "\x85", "\x9b", "\u2028", "\u2029", "\u202e", "\ufeff"])
+@pytest.mark.parametrize("path", ["/CreateUser", "/ReadUser", "/DeleteUser"])
+async def test_names_with_control_or_format_characters_are_400(
+    api: Callable[..., Any], path: str, bad: str
+) -> None:
+    client = await api()
+    status, document = await call(client, path, {"name": f"lgy{bad}"})
+    assert status == 400
+    assert_error(document, "invalid_value", "name")
+    message = document["error"]["message"]
+    assert message.startswith("`name` must not contain control or format characters")
+    assert f"U+{ord(bad):04X}" in message
+    assert bad not in message
+
+
+async def test_a_lone_surrogate_is_not_json(api: Callable[..., Any]) -> None:
+    client = await api()
+    status, document = await call(client, "/CreateUser", b'{"name": "lgy\\ud800"}')
+    assert status == 400
+    assert_error(document, "invalid_json")
+
+
 async def test_unknown_paths_and_methods_are_json(api: Callable[..., Any]) -> None:
     client = await api()
     status, document = await call(client, "/DropAllUsers", {"name": "a"})
@@ -154,7 +176,7 @@ def test_an_open_api_off_loopback_warns() -> None:
 
 
 async def test_a_store_that_is_down_is_a_503(api: Callable[..., Any]) -> None:
-    down = RedisUserStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    down = RedisUserStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2, max_wait=1.0)
     client = await api(store=down, redis_url="redis://127.0.0.1:1/0")
     status, document = await call(client, "/ReadUser", {"name": "lgy"})
     assert status == 503
@@ -163,7 +185,7 @@ async def test_a_store_that_is_down_is_a_503(api: Callable[..., Any]) -> None:
 
 
 async def test_a_redis_store_serves_the_api(api: Callable[..., Any], redis_server: Any) -> None:
-    store = RedisUserStore(redis_server.url, timeout=2.0)
+    store = RedisUserStore(redis_server.url, timeout=2.0, max_wait=5.0)
     client = await api(store=store, redis_url=redis_server.url)
     assert (await call(client, "/CreateUser", {"name": "r", "rpm": 5}))[0] == 200
     assert (await call(client, "/CreateUser", {"name": "r", "rpm": 5}))[0] == 409

@@ -1,13 +1,18 @@
-"""Both users stores behind one interface, and the Redis Lua script against a real redis-server."""
+"""Both users stores behind one interface, the Redis Lua script against a real redis-server, and
+bursts of checks on the Redis store: pipelined, exact, and bounded when Redis is frozen."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
+from extproc.users.script_batcher import ScriptBatcher
 from extproc.users.sliding_window import BUCKET_MS, BUCKETS, WINDOW_MS
 from extproc.users.store import (
     Decision,
@@ -46,7 +51,7 @@ async def store(
     client = Redis.from_url(redis_module.url)
     await client.flushdb()
     await client.aclose()
-    redis_store = RedisUserStore(redis_module.url, timeout=2.0)
+    redis_store = RedisUserStore(redis_module.url, timeout=2.0, max_wait=5.0)
     yield redis_store
     await redis_store.close()
 
@@ -107,7 +112,7 @@ async def redis_bucket(raw: Redis) -> tuple[int, int]:
 
 
 async def test_lua_retry_after_comes_from_the_window(redis_module: RedisServer, raw: Redis) -> None:
-    store = RedisUserStore(redis_module.url, timeout=2.0)
+    store = RedisUserStore(redis_module.url, timeout=2.0, max_wait=5.0)
     await store.create(User("w", rpm=3))
     _, current = await redis_bucket(raw)
     # Three requests in buckets that are 59, 30 and 0 buckets old: the oldest leaves first.
@@ -122,7 +127,7 @@ async def test_lua_retry_after_comes_from_the_window(redis_module: RedisServer, 
 async def test_lua_deletes_expired_buckets_and_sets_a_ttl(
     redis_module: RedisServer, raw: Redis
 ) -> None:
-    store = RedisUserStore(redis_module.url, timeout=2.0)
+    store = RedisUserStore(redis_module.url, timeout=2.0, max_wait=5.0)
     await store.create(User("e", rpm=5, tpm=100))
     _, current = await redis_bucket(raw)
     await raw.hset("extproc:{e}:rpm", mapping={str(current - BUCKETS - 5): 4})
@@ -142,7 +147,7 @@ async def test_lua_deletes_expired_buckets_and_sets_a_ttl(
 async def test_two_replicas_enforce_one_limit_atomically(
     redis_module: RedisServer, raw: Redis
 ) -> None:
-    replicas = [RedisUserStore(redis_module.url, timeout=2.0) for _ in range(2)]
+    replicas = [RedisUserStore(redis_module.url, timeout=2.0, max_wait=5.0) for _ in range(2)]
     await replicas[0].create(User("shared", rpm=10))
     verdicts = await asyncio.gather(*(replicas[i % 2].admit("shared", None) for i in range(40)))
     admitted = sum(1 for v in verdicts if v.decision is Decision.ADMITTED)
@@ -155,7 +160,7 @@ async def test_two_replicas_enforce_one_limit_atomically(
 async def test_script_is_reloaded_after_a_script_flush(
     redis_module: RedisServer, raw: Redis
 ) -> None:
-    store = RedisUserStore(redis_module.url, timeout=2.0)
+    store = RedisUserStore(redis_module.url, timeout=2.0, max_wait=5.0)
     await store.create(User("f", rpm=2))
     await raw.script_flush()
     assert (await store.admit("f", None)).decision is Decision.ADMITTED
@@ -166,8 +171,113 @@ async def test_script_is_reloaded_after_a_script_flush(
 
 
 async def test_a_redis_restart_costs_no_failed_call(redis_server: RedisServer) -> None:
-    store = RedisUserStore(redis_server.url, timeout=2.0)
+    store = RedisUserStore(redis_server.url, timeout=2.0, max_wait=5.0)
     await store.create(User("p", rpm=5))
     redis_server.restart()  # the pooled connection is now stale; the data persisted (AOF)
     assert await store.read("p") == User("p", 5, 0)
     await store.close()
+
+
+# -- bursts --------------------------------------------------------------------------------------
+
+TIMEOUT, MAX_WAIT = 0.1, 1.0
+"""The defaults of redis_timeout and redis_max_wait."""
+
+
+async def burst(replicas: list[RedisUserStore], name: str, n: int) -> list[Verdict | BaseException]:
+    checks = (replicas[i % len(replicas)].admit(name, None) for i in range(n))
+    return await asyncio.wait_for(asyncio.gather(*checks, return_exceptions=True), 30)
+
+
+def stall(seconds: float) -> None:
+    """Keep the event loop busy, as a burst of requests does."""
+    time.sleep(seconds)
+
+
+async def test_a_burst_of_1000_checks_admits_exactly_the_limit(
+    redis_module: RedisServer, raw: Redis
+) -> None:
+    replicas = [RedisUserStore(redis_module.url, TIMEOUT, MAX_WAIT) for _ in range(2)]
+    await replicas[0].create(User("burst", rpm=10))
+    outcomes = await burst(replicas, "burst", 1000)
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    decisions = [o.decision for o in outcomes if isinstance(o, Verdict)]
+    assert decisions.count(Decision.ADMITTED) == 10
+    assert decisions.count(Decision.OVER_RPM) == 990
+    calls = (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    assert calls >= 1001  # every check reached Redis, as its own script call
+    for replica in replicas:
+        await replica.close()
+
+
+async def test_a_stalled_event_loop_is_not_a_redis_failure(
+    redis_module: RedisServer, raw: Redis
+) -> None:
+    """Redis answers at once, but the loop is busy for three timeouts before it can read the
+    answers: with wall-clock timeouts every check in flight failed."""
+    replicas = [RedisUserStore(redis_module.url, TIMEOUT, MAX_WAIT) for _ in range(2)]
+    await replicas[0].create(User("stalled", rpm=10))
+    await burst(replicas, "warm-up", 8)  # connections open
+    checks = asyncio.ensure_future(burst(replicas, "stalled", 400))
+    asyncio.get_running_loop().call_later(0.002, stall, 3 * TIMEOUT)
+    outcomes = await checks
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    admitted = [o for o in outcomes if isinstance(o, Verdict) and o.decision is Decision.ADMITTED]
+    assert len(admitted) == 10
+    for replica in replicas:
+        await replica.close()
+
+
+async def test_a_frozen_redis_fails_a_burst_in_bounded_time(redis_server: RedisServer) -> None:
+    store = RedisUserStore(redis_server.url, TIMEOUT, MAX_WAIT)
+    # Checks sent before Redis froze still run when it resumes: the limit leaves room for them.
+    await store.create(User("frozen", rpm=10_000))
+    assert (await store.admit("frozen", None)).decision is Decision.ADMITTED
+    redis_server.pause()
+    try:
+        outcomes = await burst([store], "frozen", 600)  # wait_for: none may hang
+    finally:
+        redis_server.resume()
+    assert all(isinstance(o, TimeoutError) for o in outcomes)
+    assert (await store.admit("frozen", None)).decision is Decision.ADMITTED  # back, no restart
+    await store.close()
+
+
+async def test_redis_down_fails_checks_at_once_and_recovers(redis_server: RedisServer) -> None:
+    store = RedisUserStore(redis_server.url, TIMEOUT, MAX_WAIT)
+    await store.create(User("down", rpm=5))
+    redis_server.stop()
+    try:
+        outcomes = await burst([store], "down", 50)
+        assert all(isinstance(o, RedisConnectionError) for o in outcomes)
+    finally:
+        redis_server.start()
+    assert (await store.admit("down", None)).decision is Decision.ADMITTED
+    await store.close()
+
+
+async def test_closing_fails_the_calls_still_waiting(redis_server: RedisServer) -> None:
+    batcher = ScriptBatcher(
+        redis_server.url, "return 1", lanes=1, max_batch=2, timeout=60, max_wait=60
+    )
+    assert await batcher.call([], []) == 1
+    redis_server.pause()
+    try:
+        calls = asyncio.gather(*(batcher.call([], []) for _ in range(5)), return_exceptions=True)
+        await asyncio.sleep(0)
+        await batcher.close()
+        outcomes = await asyncio.wait_for(calls, 10)
+    finally:
+        redis_server.resume()
+    assert all(isinstance(o, RedisConnectionError) for o in outcomes)
+
+
+async def test_a_script_error_answers_only_its_own_call(redis_server: RedisServer) -> None:
+    script = "if ARGV[1] == 'bad' then return redis.error_reply('refused') end return ARGV[1]"
+    batcher = ScriptBatcher(redis_server.url, script, lanes=1, max_batch=8, timeout=1, max_wait=5)
+    outcomes = await asyncio.gather(
+        *(batcher.call([], [arg]) for arg in ("a", "bad", "b")), return_exceptions=True
+    )
+    assert outcomes[0] == b"a" and outcomes[2] == b"b"
+    assert isinstance(outcomes[1], ResponseError)
+    await batcher.close()

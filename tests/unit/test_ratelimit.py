@@ -1,11 +1,15 @@
-"""The sliding window at its boundaries, the in-memory store's checks, and the limiter's policy
-when its store fails or hangs (a stand-in store; the real Redis is in the integration tests)."""
+"""The sliding window at its boundaries, the in-memory store's checks, user names, the limiter's
+policy when its store fails (a stand-in store; the real Redis is in the integration tests), and
+the Redis timeout that a busy event loop does not trip."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Mapping
+import socket
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
@@ -21,7 +25,15 @@ from extproc.users.sliding_window import (
     SlidingWindow,
     retry_after_seconds,
 )
-from extproc.users.store import Decision, MemoryUserStore, User, Verdict
+from extproc.users.store import (
+    Decision,
+    MemoryUserStore,
+    User,
+    Verdict,
+    name_problem,
+    printable,
+)
+from extproc.users.wire_timeout import WireTimeout
 from strategies.context import Usage
 
 
@@ -166,31 +178,34 @@ async def test_idle_windows_are_dropped() -> None:
 
 
 class FlakyStore(MemoryUserStore):
-    """A remote store stand-in that can fail or hang on demand."""
+    """A remote store stand-in whose checks and charges fail on demand, as a Redis store's do:
+    ``down`` (a connection error) or ``late`` (its own bound ran out)."""
 
     remote = True
 
     def __init__(self) -> None:
         super().__init__(Clock())
         self.mode = "ok"
+        self.charge_mode = "ok"
         self.admits = 0
         self.charges: list[dict[str, int]] = []
 
     async def admit(self, name: str, defaults: tuple[int, int] | None) -> Verdict:
         self.admits += 1
-        await self._trouble()
+        _trouble(self.mode)
         return await super().admit(name, defaults)
 
     async def charge(self, charges: Mapping[str, int]) -> None:
-        await self._trouble()
+        _trouble(self.charge_mode)
         self.charges.append(dict(charges))
         await super().charge(charges)
 
-    async def _trouble(self) -> None:
-        if self.mode == "down":
-            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1")
-        if self.mode == "hang":
-            await asyncio.Event().wait()
+
+def _trouble(mode: str) -> None:
+    if mode == "down":
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1")
+    if mode == "late":
+        raise TimeoutError("no answer from Redis within 0.1s")
 
 
 def limiter_for(store: FlakyStore, **settings: Any) -> tuple[RateLimiter, Telemetry]:
@@ -253,17 +268,16 @@ async def test_fail_closed_answers_503_with_retry_after() -> None:
 
 
 @pytest.mark.parametrize("policy", ["fail-open", "fail-closed"])
-async def test_a_hung_store_never_hangs_a_request(policy: str) -> None:
+async def test_a_store_timeout_applies_the_policy(policy: str) -> None:
     store = FlakyStore()
     await store.create(User("u", rpm=5))
     limiter, telemetry = limiter_for(store, redis_failure_policy=policy)
-    store.mode = "hang"
-    check = limiter.admit("u")
+    store.mode = "late"
     if policy == "fail-open":
-        assert await asyncio.wait_for(check, 10) is False
+        assert await limiter.admit("u") is False
     else:
         with pytest.raises(GatewayError):
-            await asyncio.wait_for(check, 10)
+            await limiter.admit("u")
     assert sample(telemetry, "extproc_redis_errors_total", operation="admit") == 1
 
 
@@ -296,13 +310,42 @@ async def test_charges_are_batched_per_user_and_estimates_counted_apart() -> Non
 async def test_a_failed_charge_is_counted_and_dropped() -> None:
     store = FlakyStore()
     limiter, telemetry = limiter_for(store)
-    store.mode = "down"
+    store.charge_mode = "down"
     limiter.charge("a", Usage(prompt_tokens=3))
     await limiter.flush()
-    store.mode = "ok"
+    store.charge_mode = "ok"
     await limiter.flush()
     assert store.charges == []
     assert sample(telemetry, "extproc_redis_errors_total", operation="charge") == 1
+
+
+@pytest.mark.parametrize("failure", ["down", "late"])
+async def test_a_failed_charge_leaves_checks_alone(
+    failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under fail-closed, a charge batch that timed out used to make every check a 503 for
+    ``redis_retry_interval``; checks must go on reaching the store and enforcing limits."""
+    store = FlakyStore()
+    await store.create(User("u", rpm=2))
+    limiter, telemetry = limiter_for(
+        store, redis_failure_policy="fail-closed", redis_retry_interval="60s"
+    )
+    store.charge_mode = failure
+    limiter.charge("u", Usage(prompt_tokens=40, completion_tokens=2))
+    await limiter.flush()
+    assert await limiter.admit("u") is False
+    assert await limiter.admit("u") is False
+    with pytest.raises(GatewayError) as over:
+        await limiter.admit("u")
+    assert over.value.status == 429
+    assert store.admits == 3
+    assert sample(telemetry, "extproc_redis_errors_total", operation="charge") == 1
+    assert sample(telemetry, "extproc_redis_errors_total", operation="admit") == 0
+    decisions = "extproc_ratelimit_decisions_total"
+    assert sample(telemetry, decisions, decision="failed_closed") == 0
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "42 tokens of 1 users dropped" in warning.getMessage()
+    assert warning.__dict__["operation"] == "charge"
 
 
 async def test_the_background_task_sends_charges_and_flushes_on_stop() -> None:
@@ -325,6 +368,7 @@ async def test_the_background_task_sends_charges_and_flushes_on_stop() -> None:
     [
         ({"redis_url": "http://redis:6379"}, {}, "--redis-url"),
         ({"redis_timeout": "0"}, {}, "--redis-timeout"),
+        ({"redis_timeout": "2s"}, {}, "--redis-timeout"),  # over redis_max_wait
         ({"default_tpm": "-1"}, {}, "--default-tpm"),
         ({"users_admin_token": "two words"}, {}, "--users-admin-token"),
         ({"users_port": "70000"}, {}, "--users-port"),
@@ -339,3 +383,125 @@ def test_bad_settings_name_their_key_and_hide_values(
     assert failure.value.key == key
     assert "two words" not in str(failure.value)
     assert "redis:6379" not in str(failure.value)
+
+
+# -- user names ----------------------------------------------------------------------------------
+
+BAD_CHARACTERS = ["\x00", "\x1b", "\x7f", "\x85", "\x9b", "\u200b", "\u2028", "\u2029", "\u202e"]
+BAD_CHARACTERS += ["\ufeff", "\ud800", "\udfff"]
+
+
+@pytest.mark.parametrize("bad", BAD_CHARACTERS)
+def test_names_refuse_control_format_and_separator_characters(bad: str) -> None:
+    problem = name_problem(f"team{bad}a")
+    assert problem is not None
+    assert f"U+{ord(bad):04X}" in problem
+    assert printable(f"team{bad}a") == f"team\\u{ord(bad):04x}a"
+
+
+@pytest.mark.parametrize("good", ["lgy", "équipe-7", "ユーザー", "a b", "a\u00a0b", "x" * 256])
+def test_names_that_are_fine(good: str) -> None:
+    assert name_problem(good) is None
+    assert printable(good) == good
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\x85", "\u2028", "\u202e", "\ud800"])
+async def test_the_limiter_refuses_a_user_header_no_user_can_have(bad: str) -> None:
+    store = FlakyStore()
+    limiter, telemetry = limiter_for(store)
+    user = "evil" + bad + "x" * 200
+    with pytest.raises(GatewayError) as refused:
+        await limiter.admit(user)
+    error = refused.value
+    assert (error.status, error.code, error.param) == (400, "invalid_user", "user")
+    assert f"U+{ord(bad):04X}" in error.message
+    assert bad not in error.message
+    assert "evil\\u" in error.message and len(error.message) < 200
+    assert store.admits == 0
+    assert sample(telemetry, "extproc_ratelimit_check_seconds_count") == 0
+
+
+# -- the Redis timeout ---------------------------------------------------------------------------
+
+
+def stall(seconds: float) -> None:
+    """Keep the event loop busy, as a burst of requests does."""
+    time.sleep(seconds)
+
+
+async def answered_while_stalled(bound: AbstractAsyncContextManager[Any]) -> bytes:
+    """Redis (one end of a socket pair) answers at once, while the loop is stalled past the
+    deadline: the answer waits in the socket until the stall ends."""
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=ours)
+
+    def answer_then_stall() -> None:
+        theirs.sendall(b"+OK\r\n")
+        stall(0.3)
+
+    try:
+        asyncio.get_running_loop().call_soon(answer_then_stall)
+        async with bound:
+            return await reader.readline()
+    finally:
+        writer.close()
+        theirs.close()
+
+
+async def never_answered(bound: AbstractAsyncContextManager[Any]) -> None:
+    async with bound:
+        await asyncio.Event().wait()
+
+
+def on_each_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``test`` on asyncio's loop and on uvloop's: they order timers and I/O differently."""
+    import uvloop
+
+    for factory in (asyncio.new_event_loop, uvloop.new_event_loop):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(test())
+
+
+def test_a_stalled_loop_is_not_a_redis_timeout() -> None:
+    async def test() -> None:
+        with pytest.raises(TimeoutError):  # the defect: wall time blames Redis
+            await answered_while_stalled(asyncio.timeout(0.1))
+        assert await answered_while_stalled(WireTimeout(0.1, 5.0)) == b"+OK\r\n"
+
+    on_each_loop(test)
+
+
+def test_an_answer_that_never_comes_times_out() -> None:
+    async def test() -> None:
+        with pytest.raises(TimeoutError):
+            await never_answered(WireTimeout(0.05, 5.0))
+
+    on_each_loop(test)
+
+
+def test_a_loop_that_stays_busy_still_ends_the_wait() -> None:
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        busy = True
+
+        def hog() -> None:
+            stall(0.05)
+            if busy:
+                loop.call_soon(hog)
+
+        loop.call_soon(hog)
+        try:
+            with pytest.raises(TimeoutError):
+                await never_answered(WireTimeout(0.02, 0.5))
+        finally:
+            busy = False
+
+    on_each_loop(test)
+
+
+async def test_a_cancelled_caller_is_not_a_timeout() -> None:
+    task = asyncio.create_task(never_answered(WireTimeout(10.0, 10.0)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
