@@ -165,6 +165,10 @@ def processing_mode(
     }
 
 
+MAX_MESSAGE_TIMEOUT = "300s"
+"""Above the server's longest hold (``autoscaling.hold_timeout``, 60 s by default)."""
+
+
 def ext_proc_filter(
     cluster: str,
     mode: Mapping[str, Any],
@@ -185,6 +189,11 @@ def ext_proc_filter(
         "failure_mode_allow": failure_mode_allow,
         "allow_mode_override": allow_mode_override,
         "message_timeout": message_timeout,
+        # The server may ask for longer while a request waits for a model's first pod.
+        "max_message_timeout": MAX_MESSAGE_TIMEOUT,
+        # Tells the server whether a response came from the pod or from Envoy (an unreachable
+        # pod is ejected at once).
+        "response_attributes": ["response.code_details"],
         "processing_mode": dict(mode),
     }
     if lb_metadata:

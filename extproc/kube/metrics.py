@@ -26,8 +26,8 @@ class KubeMetrics:
         )
         self.misplaced_keys = Gauge(
             "extproc_model_keys_misplaced",
-            "Objects carrying a model.aibrix.ai key where it is ignored (a behaviour key under "
-            "labels, or an identity key only under annotations).",
+            "Objects carrying a model.aibrix.ai or AIBrix autoscaling key where it is ignored (a "
+            "behaviour key under labels, or an identity key only under annotations).",
             ["kind", "key", "found_in"],
             registry=r,
         )

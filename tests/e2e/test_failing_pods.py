@@ -65,6 +65,10 @@ async def test_failing_pods_draw_at_most_five_percent(failing: LocalStack) -> No
             failed = sum(n for who, n in served.items() if who == bad or who.isdigit())
             assert failed <= REQUESTS * 0.05, (strategy, served)
             assert sum(served.values()) == REQUESTS
+        # Envoy said the dead pod could not be reached: it was ejected as unreachable.
+        async with session.get(stack.metrics_url) as response:
+            exposition = await response.text()
+        assert 'extproc_pod_ejections_total{pod="dead",reason="unreachable"}' in exposition
 
 
 async def test_an_ejected_pod_returns_once_it_recovers(failing: LocalStack) -> None:

@@ -65,7 +65,9 @@ async def scrape(server: Server) -> list[Metric]:
 
 @pytest.fixture
 async def scraped(make_server: Any) -> dict[str, Any]:
-    server = await make_server(unknown_user_policy="default-limits", default_rpm=1000)
+    server = await make_server(
+        unknown_user_policy="default-limits", default_rpm=1000, hold_timeout="100ms"
+    )
     KubeMetrics(server.telemetry.registry)  # what a server with Kubernetes discovery adds
     request_ids = await traffic(server)
     return {"families": await scrape(server), "request_ids": request_ids}

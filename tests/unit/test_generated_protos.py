@@ -1,4 +1,5 @@
-"""The committed debug API modules are exactly what ``python -m tools.gen_protos`` produces."""
+"""The committed generated modules (the debug API, KEDA's external scaler) are exactly what
+``python -m tools.gen_protos`` produces, and KEDA's interface is exactly what KEDA sends."""
 
 from __future__ import annotations
 
@@ -29,3 +30,36 @@ def test_a_changed_proto_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyP
         Path("extproc/debug/v1/debug_pb2.pyi"),
     }
     assert "Added" in stale[Path("extproc/debug/v1/debug_pb2.pyi")]
+
+
+def test_the_keda_interface_is_exactly_what_keda_sends() -> None:
+    """Names and field numbers KEDA's client uses; a change here would break every trigger."""
+    from extproc.autoscaling.externalscaler import externalscaler_pb2 as pb
+
+    assert pb.DESCRIPTOR.package == "externalscaler"
+    service = pb.DESCRIPTOR.services_by_name["ExternalScaler"]
+    methods = {
+        m.name: (m.input_type.name, m.output_type.name, m.server_streaming) for m in service.methods
+    }
+    assert methods == {
+        "IsActive": ("ScaledObjectRef", "IsActiveResponse", False),
+        "StreamIsActive": ("ScaledObjectRef", "IsActiveResponse", True),
+        "GetMetricSpec": ("ScaledObjectRef", "GetMetricSpecResponse", False),
+        "GetMetrics": ("GetMetricsRequest", "GetMetricsResponse", False),
+        "StreamMetricSpec": ("ScaledObjectRef", "GetMetricSpecResponse", True),
+    }
+    fields = {
+        message.name: {f.name: f.number for f in message.fields}
+        for message in pb.DESCRIPTOR.message_types_by_name.values()
+    }
+    assert fields == {
+        "ScaledObjectRef": {"name": 1, "namespace": 2, "scalerMetadata": 3},
+        "IsActiveResponse": {"result": 1},
+        "GetMetricSpecResponse": {"metricSpecs": 1},
+        "MetricSpec": {"metricName": 1, "targetSize": 2, "targetSizeFloat": 3},
+        "GetMetricsRequest": {"scaledObjectRef": 1, "metricName": 2},
+        "GetMetricsResponse": {"metricValues": 1},
+        "MetricValue": {"metricName": 1, "metricValue": 2, "metricValueFloat": 3},
+    }
+    metadata = pb.ScaledObjectRef.DESCRIPTOR.fields_by_name["scalerMetadata"]
+    assert metadata.message_type.GetOptions().map_entry

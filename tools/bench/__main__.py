@@ -190,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--seed", type=int, default=0)
     runner.add_argument("--out", help="path stem for the .json and .png results")
 
+    from tools.bench import scaling
+
+    scaling.add_arguments(
+        commands.add_parser(
+            "scaling", help="replicas, TTFT and GPU time of autoscaling on each signal (simulated)"
+        )
+    )
+
     args = parser.parse_args(argv)
     if args.benchmark == "ratelimit":
         from tools.bench import ratelimit as ratelimit_bench
@@ -258,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         _write(result, args.out)
     elif args.benchmark == "run":
         _run(args, argv)
+    elif args.benchmark == "scaling":
+        scaling.command(args, "python -m tools.bench " + " ".join(argv or sys.argv[1:]))
     elif args.benchmark == "scraper":
         from tools.bench import scraper as scraper_bench
 
