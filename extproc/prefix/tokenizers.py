@@ -122,15 +122,15 @@ class _HfModel:
         self.template = None
         self.specials: dict[str, str] = {}
         config_file = path.with_name("tokenizer_config.json")
-        if config_file.is_file():
-            config = orjson.loads(config_file.read_bytes())
-            template = config.get("chat_template")
-            if isinstance(template, str):
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
+        config = orjson.loads(config_file.read_bytes()) if config_file.is_file() else {}
+        template = _chat_template(path.with_name("chat_template.jinja"), config)
+        if template is not None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-                environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-                environment.globals["raise_exception"] = _template_error
-                self.template = environment.from_string(template)
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            environment.globals["raise_exception"] = _template_error
+            self.template = environment.from_string(template)
+        if isinstance(config, dict):
             for key in ("bos_token", "eos_token"):
                 value = config.get(key)
                 if isinstance(value, dict):
@@ -154,6 +154,19 @@ class _HfModel:
         for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=False):
             ids.extend(encoding.ids)
         return ids, False
+
+
+def _chat_template(file: Path, config: object) -> str | None:
+    """The model's default chat template as vLLM finds it: ``chat_template.jinja`` beside the
+    tokenizer (what recent transformers save), else ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or a list of named templates)."""
+    if file.is_file():
+        return file.read_text()
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _template_error(message: str) -> None:

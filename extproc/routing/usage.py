@@ -140,12 +140,18 @@ class UsageStripper:
     Events end with a blank line; an event cut across chunks is held back until it is whole (it
     may be the usage event), so chunk boundaries move but the bytes do not change. The stream's
     usage event is the one whose ``choices`` is empty and whose ``usage`` is an object.
+
+    vLLM puts ``system_fingerprint`` on a stream's last event: the usage event when there is
+    one, else the last choice's finishing event. So finishing events wait for the next event
+    (vLLM sends it in the same step) and, when that is the usage event, take its fingerprint:
+    the client gets the stream vLLM sends a client that did not ask for usage.
     """
 
-    __slots__ = ("_pending", "found")
+    __slots__ = ("_held", "_pending", "found")
 
     def __init__(self) -> None:
         self._pending = b""
+        self._held: list[bytes] = []
         self.found = False
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> bytes:
@@ -161,32 +167,60 @@ class UsageStripper:
             self._pending = data
             return b""
         complete, self._pending = data[:cut], data[cut:]
-        if _USAGE_KEY not in complete:
+        if not self._held and _USAGE_KEY not in complete and _FINISHED not in complete:
             return complete
-        kept = []
-        for event in complete.split(_EVENT_END):
-            if not self.found and _is_usage_event(event):
-                self.found = True
-                continue
-            kept.append(event)
-        return _EVENT_END.join(kept)
+        events = complete.split(_EVENT_END)
+        tail = events.pop()
+        held = self._held
+        out: list[bytes] = []
+        for event in events:
+            if not self.found:
+                usage = _usage_event(event)
+                if usage is not None:
+                    self.found = True
+                    fingerprint = usage.get("system_fingerprint")
+                    if isinstance(fingerprint, str) and held and _FINGERPRINT not in held[-1]:
+                        held[-1] = _with_fingerprint(held[-1], fingerprint)
+                    continue
+                if _FINISHED in event:
+                    held.append(event)
+                    continue
+            out.extend(held)
+            held.clear()
+            out.append(event)
+        if self.found or end_of_stream:
+            out.extend(held)
+            held.clear()
+        return b"".join([event + _EVENT_END for event in out]) + tail
 
 
 _EVENT_END = b"\n\n"
+_FINISHED = b'"finish_reason":"'
+_FINGERPRINT = b'"system_fingerprint"'
 
 
-def _is_usage_event(event: bytes) -> bool:
+def _with_fingerprint(event: bytes, fingerprint: str) -> bytes:
+    end = event.rfind(b"}")
+    if end < 0:
+        return event
+    return event[:end] + b',"system_fingerprint":' + orjson.dumps(fingerprint) + event[end:]
+
+
+def _usage_event(event: bytes) -> dict[str, object] | None:
+    """The usage event's document, or None for any other event."""
     if _USAGE_KEY not in event:
-        return False
+        return None
     payload = event.strip()
     if not payload.startswith(_EVENT):
-        return False
+        return None
     try:
         document = orjson.loads(payload[len(_EVENT) :])
     except orjson.JSONDecodeError:
-        return False
-    return (
+        return None
+    if (
         isinstance(document, dict)
         and document.get("choices") == []
         and isinstance(document.get("usage"), dict)
-    )
+    ):
+        return document
+    return None

@@ -14,42 +14,50 @@ from extproc.kvevents.block_hash import BlockHasher
 from extproc.kvevents.index import ExactIndex
 from extproc.kvevents.wire import Cleared, Removed, Stored, WireError, decode
 
-FIXTURE = Path(__file__).parents[1] / "fixtures" / "vllm-kv" / "kv-events-sha256.json"
-CAPTURE: dict[str, Any] = json.loads(FIXTURE.read_text())
+CASES = sorted((Path(__file__).parents[1] / "fixtures" / "vllm" / "kv-events").iterdir())
 
 
-def frames(message: dict[str, Any]) -> list[bytes]:
-    return [
-        message["topic"].encode(),
-        message["seq"].to_bytes(8, "big"),
-        bytes.fromhex(message["payload_hex"]),
+def load(case: Path) -> tuple[dict[str, Any], list[list[bytes]], list[dict[str, Any]]]:
+    """A capture: the server's setup, its ZMQ messages, the requests sent with their tokens."""
+    setup = json.loads((case / "case.json").read_text())
+    messages = [
+        [bytes.fromhex(m["topic"]), bytes.fromhex(m["seq"]), bytes.fromhex(m["payload"])]
+        for m in map(json.loads, (case / "frames.jsonl").read_text().splitlines())
     ]
+    requests = [json.loads(line) for line in (case / "requests.jsonl").read_text().splitlines()]
+    return setup, messages, requests
 
 
-def test_real_messages_decode() -> None:
-    batches = [decode(frames(m)) for m in CAPTURE["messages"]]
-    assert [b.seq for b in batches] == [0, 1, 2]
-    for batch in batches:
-        (event,) = batch.events
-        assert isinstance(event, Stored) and len(event.hashes) == 4
-        assert event.block_size == 128
-    assert [b.events[0].lora_name for b in batches] == [None, "ad1", "ad2"]  # type: ignore[union-attr]
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_real_messages_decode_in_sequence(case: Path) -> None:
+    _, messages, _ = load(case)
+    batches = [decode(m) for m in messages]
+    assert [b.seq for b in batches] == list(range(len(batches)))
+    kinds = {type(e) for b in batches for e in b.events}
+    assert Stored in kinds
 
 
-def test_a_chat_hashed_here_gets_the_names_the_pod_published() -> None:
-    hasher = BlockHasher(CAPTURE["hash_algo"], CAPTURE["block_size"], CAPTURE["seed"])
-    published = decode(frames(CAPTURE["messages"][0])).events[0]
-    assert isinstance(published, Stored)
-    assert tuple(hasher.hashes(CAPTURE["chat_tokens"])) == published.hashes
-
-
-def test_an_adapter_request_is_named_with_the_adapters_path() -> None:
-    hasher = BlockHasher(CAPTURE["hash_algo"], CAPTURE["block_size"], CAPTURE["seed"])
-    published = decode(frames(CAPTURE["messages"][2])).events[0]
-    assert isinstance(published, Stored)
-    lora = ("ad2", "/tmp/vllmcheck-model/lora1")
-    assert tuple(hasher.hashes(CAPTURE["chat_tokens"], lora=lora)) == published.hashes
-    assert tuple(hasher.hashes(CAPTURE["chat_tokens"])) != published.hashes
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_every_request_hashed_here_gets_the_names_the_pod_published(case: Path) -> None:
+    """Chat and completions, with and without LoRA, for sha256 with a seed and sha256_cbor
+    without: the block names computed from the pod's tokens are the ones it published."""
+    setup, messages, requests = load(case)
+    published = {
+        h for m in messages for e in decode(m).events if isinstance(e, Stored) for h in e.hashes
+    }
+    hasher = BlockHasher(setup["hash_algo"], setup["block_size"], setup.get("PYTHONHASHSEED"))
+    checked = 0
+    for request in requests:
+        ids = request.get("prompt_token_ids")
+        if not ids or len(ids) < setup["block_size"]:
+            continue
+        lora = (request["lora_name"], request["lora_path"]) if request.get("lora_name") else None
+        names = hasher.hashes(ids, lora=lora)
+        assert set(names) <= published, request["step"]
+        if lora is not None:
+            assert not set(hasher.hashes(ids)) & set(names)  # the adapter's path is in the name
+        checked += 1
+    assert checked >= 2
 
 
 def payload(*events: dict[str, Any]) -> list[bytes]:

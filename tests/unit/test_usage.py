@@ -140,3 +140,43 @@ def test_a_streamed_request_asks_the_pod_for_usage() -> None:
     assert with_usage_requested(plain, parse(Endpoint.COMPLETIONS, plain)) is None
     embeddings = b'{"model": "m", "stream": true, "input": "x"}'
     assert with_usage_requested(embeddings, parse(Endpoint.EMBEDDINGS, embeddings)) is None
+
+
+def vllm_stream(usage: bool) -> bytes:
+    """vLLM 0.32's stream shape: ``system_fingerprint`` rides on the last event, the usage
+    event when the client asked for one, else the finishing event."""
+    head = b'data: {"id":"c","object":"text_completion","choices":[{"index":0,"text":'
+    fingerprint = b',"system_fingerprint":"vllm-0.32.0-17d7a4ff"}'
+    events = [head + b'" one","finish_reason":null}]}', head + b'" two","finish_reason":null}]}']
+    finishing = head + b'" three","finish_reason":"length"}]'
+    if usage:
+        events.append(finishing + b"}")
+        events.append(
+            b'data: {"id":"c","object":"text_completion","choices":[],'
+            b'"usage":{"prompt_tokens":9,"total_tokens":21,"completion_tokens":12}' + fingerprint
+        )
+    else:
+        events.append(finishing + fingerprint)
+    return b"".join(event + b"\n\n" for event in events) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 10_000])
+def test_the_stripped_stream_is_the_one_vllm_sends_without_usage(size: int) -> None:
+    from extproc.routing.usage import UsageStripper
+
+    stripper = UsageStripper()
+    pieces = chunks(vllm_stream(usage=True), size)
+    out = b"".join(stripper.feed(p, i == len(pieces) - 1) for i, p in enumerate(pieces))
+    assert out == vllm_stream(usage=False)
+    assert stripper.found
+
+
+def test_a_finishing_event_waits_only_for_the_next_event() -> None:
+    from extproc.routing.usage import UsageStripper
+
+    stream = vllm_stream(usage=True)
+    events = [event + b"\n\n" for event in stream.split(b"\n\n")[:-1]]
+    stripper = UsageStripper()
+    assert stripper.feed(events[0], False) == events[0]
+    assert stripper.feed(events[2], False) == b""
+    assert stripper.feed(events[0], False) == events[2] + events[0]

