@@ -1,4 +1,4 @@
-"""HTTPRoutes (and ReferenceGrants) from model labels, as DESIGN.md section 8 fixes them.
+"""HTTPRoutes (and ReferenceGrants) from model labels, as docs/kubernetes.md describes them.
 
 A pure function of the Deployments and Pods carrying ``model.aibrix.ai/name``: the CLI renders
 from files or a cluster listing, and the controller applies the same output. Everything about a

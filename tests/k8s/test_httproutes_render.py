@@ -1,4 +1,4 @@
-"""HTTPRoutes from model labels (DESIGN.md section 8), and ``extproc httproutes render``."""
+"""HTTPRoutes from model labels, and ``extproc httproutes render``."""
 
 from __future__ import annotations
 

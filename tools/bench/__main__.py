@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     overhead.add_argument("--response-header-mode", default="SEND", choices=["SEND", "SKIP"])
     overhead.add_argument(
+        "--epp",
+        default="",
+        help="comma-separated endpoint-picker shapes to measure alongside (ai-gateway, istio)",
+    )
+    overhead.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             [p for p in args.sglang.split(",") if p],
             args.server_arg,
             layout,
+            [s for s in args.epp.split(",") if s],
         )
         result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
         _write(result, args.out)

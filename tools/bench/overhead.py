@@ -7,7 +7,10 @@ Variants, in alternating blocks so machine noise hits all alike:
 - ``extproc no-op``: the same Envoy with a Python ext_proc that does nothing but answer
   (``tools/bench/noop_extproc.py``): the floor any Python ``grpc.aio`` ext_proc pays;
 - ``extproc <strategy>``: the same Envoy's gateway listener, our server picking the pod;
-- ``sglang-<policy>``: the SGLang router (``sglang-router`` from PyPI) in front of the pods.
+- ``sglang-<policy>``: the SGLang router (``sglang-router`` from PyPI) in front of the pods;
+- ``epp-<shape> <strategy>``: our server as an endpoint picker behind an Envoy configured in
+  that gateway's shape (``ai-gateway``: full-duplex bodies, TLS to the picker, ORIGINAL_DST;
+  ``istio``: override_host), in its own stack of the same instant pods, alongside.
 
 Our added latency is measured against ``envoy-direct`` (Envoy is there anyway); the SGLang
 router's against ``pod-direct`` (it is the proxy). The server's CPU seconds per 1000 routed
@@ -17,6 +20,7 @@ requests are read from /proc.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,8 +103,25 @@ def run(
     sglang: list[str],
     server_args: list[str],
     layout: dict[str, Any],
+    epp_shapes: list[str] | None = None,
 ) -> dict[str, Any]:
-    with LocalStack(stack_config(pods, server_args, layout)) as stack:
+    with contextlib.ExitStack() as stacks:
+        stack = stacks.enter_context(LocalStack(stack_config(pods, server_args, layout)))
+        pickers = {
+            shape: stacks.enter_context(
+                LocalStack(
+                    StackConfig(
+                        pods=pods,
+                        models=("bench",),
+                        sim_defaults=INSTANT_SIM,
+                        server_args=server_args,
+                        mode="epp",
+                        epp_shape=shape,  # type: ignore[arg-type]
+                    )
+                )
+            )
+            for shape in epp_shapes or []
+        }
         routers: list[Managed] = []
         try:
             variants = [
@@ -120,6 +141,16 @@ def run(
                         routed=True,
                     )
                 )
+            for shape, picker in pickers.items():
+                for strategy in strategies:
+                    variants.append(
+                        Variant(
+                            f"epp-{shape} {strategy}",
+                            picker.gateway_url,
+                            {"routing-strategy": strategy},
+                            "envoy-direct",
+                        )
+                    )
             for policy in sglang:
                 router, url = start_sglang(stack, policy)
                 routers.append(router)

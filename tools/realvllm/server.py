@@ -22,6 +22,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -244,6 +245,7 @@ class VllmServer:
         self._log_path: Path | None = log_path
         self._log_file: Any = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._tmpdir: str | None = None
         self.port = 0
         self.kv_events_port: int | None = None
         self.kv_events_replay_port: int | None = None
@@ -366,6 +368,8 @@ class VllmServer:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self._tmpdir is not None:
+            env["TMPDIR"] = self._tmpdir
         if self.python_hash_seed is not None:
             env["PYTHONHASHSEED"] = self.python_hash_seed
         if self.lora:
@@ -415,6 +419,8 @@ class VllmServer:
             os.close(fd)
             self._log_path = Path(name)
         self._log_file = open(self._log_path, "wb")  # noqa: SIM115 (closed in stop())
+        # vLLM leaves files in its temporary folder (vllm_dist_*): give it one stop() removes.
+        self._tmpdir = tempfile.mkdtemp(prefix=f"extproc-vllm-{self.port}-tmp-")
         # PR_SET_PDEATHSIG fires when the spawning *thread* ends: only use it from the main
         # thread, whose end is the test process's end.
         main_thread = threading.current_thread() is threading.main_thread()
@@ -425,7 +431,7 @@ class VllmServer:
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            cwd=tempfile.gettempdir(),
+            cwd=self._tmpdir,
             # Own process group: stop() signals vLLM's engine and worker processes too.
             start_new_session=True,
             preexec_fn=_die_with_parent if main_thread else None,
@@ -487,6 +493,9 @@ class VllmServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
 
     def __enter__(self) -> VllmServer:
         self.start()
