@@ -281,7 +281,7 @@ class Ticket:
             return route
         decision = route.decision = decide(plan, ctx, pipeline.plans.fallback, self.request_id)
         pod = route.pod = ctx.pods[decision.index]
-        ranked = decision.ranked()[: 1 + pipeline.fallback_endpoints]
+        ranked = decision.ranked(1 + pipeline.fallback_endpoints)
         route.endpoints = tuple(ctx.pods[i].address for i in ranked)
         if self.dry_run:
             return route

@@ -10,6 +10,7 @@ the same function serves a real request and a dry run.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,15 @@ class Decision:
     fallbacks: list[tuple[str, str]] = field(default_factory=list)
     """``(strategy, reason)`` for each strategy that could not score some or all candidates."""
 
-    def ranked(self) -> list[int]:
-        """Candidate positions, the chosen one first, then by combined score."""
-        rest = sorted(
-            (i for i in range(len(self.combined)) if i != self.index),
-            key=lambda i: -self.combined[i],
+    def ranked(self, limit: int) -> list[int]:
+        """Up to ``limit`` candidate positions, the chosen one first, then by combined score."""
+        if limit <= 1:
+            return [self.index]
+        combined = self.combined
+        rest = heapq.nlargest(
+            limit - 1,
+            (i for i in range(len(combined)) if i != self.index),
+            key=combined.__getitem__,
         )
         return [self.index, *rest]
 

@@ -45,11 +45,15 @@ class Snapshots:
         if current is None or current.pods is not pods or now >= current.stale_at:
             current = self._models[model] = self._build(pods, now)
         elif current.dirty:
+            stale_at = current.stale_at
             for name in current.dirty:
                 index = current.position[name]
                 current.snapshots[index] = self._make(pods[index], now)
+                stale_at = min(stale_at, self._deadline(name, now))
             current.dirty.clear()
-            current.stale_at = self._stale_at(pods, now)
+            # Never later than the true earliest deadline (the other pods' did not move), so
+            # at worst the set is rebuilt a little early.
+            current.stale_at = stale_at
             current.frozen = tuple(current.snapshots)
         return current.frozen
 
@@ -76,6 +80,13 @@ class Snapshots:
             stale_at=self._stale_at(pods, now),
             frozen=tuple(snapshots),
         )
+
+    def _deadline(self, name: str, now: float) -> float:
+        reading = self._readings.latest.get(name)
+        if reading is None:
+            return NEVER
+        deadline = reading.at + self._readings.stale_after
+        return deadline if now <= deadline else NEVER
 
     def _stale_at(self, pods: tuple[Pod, ...], now: float) -> float:
         latest = self._readings.latest
