@@ -178,25 +178,24 @@ def server_settings(deployment: Obj) -> Settings:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = cli.build_parser().parse_args(container["args"])
     assert args.command == "serve"
-    flags = {f.name: getattr(args, f.name, None) for f in config.fields()}
-    return config.load(flags, {}, strategy_option_flags=args.strategy_option)
+    return config.load(cli.settings_flags(args), {}, strategy_option_flags=args.strategy_option)
 
 
 def test_server_deployment_and_service_agree() -> None:
     objects = build(MANIFESTS)
     deployment = find(objects, "Deployment", "aibrix-gateway-plugins")
     settings = server_settings(deployment)
-    assert settings.discovery == "kubernetes"
-    assert settings.manage_httproutes
+    assert settings.discovery.provider == "kubernetes"
+    assert settings.kubernetes.manage_httproutes
     assert deployment["spec"]["replicas"] == 2
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["serviceAccountName"] == "aibrix-gateway-plugins"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {
-        "grpc": settings.port,
-        "metrics": settings.http_port,
-        "users": settings.users_port,
+        "grpc": settings.server.port,
+        "metrics": settings.server.http_port,
+        "users": settings.users.port,
     }
     assert ports == {"grpc": 50052, "metrics": 8080, "users": 8090}
     assert container["readinessProbe"]["grpc"]["port"] == 50052
@@ -207,15 +206,17 @@ def test_server_deployment_and_service_agree() -> None:
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
     gateway = find(objects, "Gateway", "aibrix-eg")
-    assert settings.gateway_name == gateway["metadata"]["name"]
-    assert settings.gateway_namespace == gateway["metadata"]["namespace"] == "aibrix-system"
+    assert settings.kubernetes.gateway_name == gateway["metadata"]["name"]
+    assert (
+        settings.kubernetes.gateway_namespace == gateway["metadata"]["namespace"] == "aibrix-system"
+    )
     assert (
         gateway["spec"]["gatewayClassName"]
         == find(objects, "GatewayClass", "aibrix-eg")["metadata"]["name"]
     )
 
     redis = find(objects, "Service", "aibrix-redis-master")
-    assert settings.redis_url == f"redis://{redis['metadata']['name']}:6379/0"
+    assert settings.users.redis_url == f"redis://{redis['metadata']['name']}:6379/0"
     assert find(objects, "Deployment", "aibrix-redis-master")
 
 
@@ -224,7 +225,7 @@ def test_envoy_buffer_limit_sits_just_above_the_server_body_limit() -> None:
     settings = server_settings(find(objects, "Deployment", "aibrix-gateway-plugins"))
     policy = find(objects, "ClientTrafficPolicy", "aibrix-eg-client")
     limit = quantity(policy["spec"]["connection"]["bufferLimit"])
-    assert settings.max_body_bytes < limit <= settings.max_body_bytes + 1024 * 1024
+    assert settings.server.max_body_bytes < limit <= settings.server.max_body_bytes + 1024 * 1024
     assert policy["spec"]["targetRefs"][0]["name"] == "aibrix-eg"
     removed = policy["spec"]["headers"]["earlyRequestHeaders"]["remove"]
     assert {"target-pod", "x-gateway-destination-endpoint"} <= set(removed)
@@ -378,4 +379,4 @@ def test_single_namespace_overlay_binds_only_there() -> None:
         "name": "aibrix-gateway-plugins",
     }
     settings = server_settings(find(objects, "Deployment", "aibrix-gateway-plugins"))
-    assert config.watched_namespaces(settings) == ["default"]
+    assert settings.kubernetes.namespaces == ["default"]
