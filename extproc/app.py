@@ -149,14 +149,12 @@ class Server:
                 settings.config, self.registry, self.telemetry, discovery.static_reload_interval
             )
         self.cluster: Cluster | None = None
-        if discovery.provider == "kubernetes" or settings.kubernetes.manage_httproutes:
+        kube_discovery = discovery.provider in ("kubernetes", "inferencepool")
+        if kube_discovery or settings.kubernetes.manage_httproutes:
             from extproc.kube.cluster import Cluster  # the kubernetes client loads only when needed
 
             self.cluster = Cluster(
-                settings.kubernetes,
-                self.registry,
-                self.telemetry,
-                discover_pods=discovery.provider == "kubernetes",
+                settings.kubernetes, self.registry, self.telemetry, provider=discovery.provider
             )
         self.telemetry.watch_fleet(self.registry, self.readings, self.accounting)
         self.registry.on_removed(self._forget_pod)

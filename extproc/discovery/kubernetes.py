@@ -60,6 +60,18 @@ def pod_name(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
+def pod_host(pod: Obj) -> str:
+    """The pod IP as it goes in ``host:port`` (IPv6 bracketed); ``UNASSIGNED_IP`` before it has
+    one. Raises ``PodLabelError``."""
+    ip = (pod.get("status") or {}).get("podIP") or ""
+    if not ip:
+        return UNASSIGNED_IP
+    try:
+        return f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip
+    except ValueError:
+        raise PodLabelError(f"status.podIP {ip!r} is not an IP address") from None
+
+
 def pod_spec(pod: Obj, adapters: frozenset[str] = frozenset()) -> PodSpec:
     meta = pod["metadata"]
     labels = meta.get("labels") or {}
@@ -69,16 +81,11 @@ def pod_spec(pod: Obj, adapters: frozenset[str] = frozenset()) -> PodSpec:
         metric_port = keys.parse_port(labels.get(keys.METRIC_PORT), keys.METRIC_PORT, None)
     except ValueError as exc:
         raise PodLabelError(str(exc)) from None
-    ip = (pod.get("status") or {}).get("podIP") or ""
-    host = UNASSIGNED_IP
-    if ip:
-        try:
-            host = f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip
-        except ValueError:
-            raise PodLabelError(f"status.podIP {ip!r} is not an IP address") from None
-    metrics_url = f"http://{host}:{metric_port}/metrics" if ip and metric_port else ""
+    host = pod_host(pod)
+    assigned = host != UNASSIGNED_IP
+    metrics_url = f"http://{host}:{metric_port}/metrics" if assigned and metric_port else ""
     return PodSpec(
-        kv_events=_kv_events(meta.get("annotations") or {}, host),
+        kv_events=kv_events_endpoint(meta.get("annotations") or {}, host),
         name=pod_name(namespace, meta["name"]),
         address=f"{host}:{port}",
         model=labels[keys.NAME],
@@ -93,16 +100,20 @@ KV_EVENTS_PORT = "model.aibrix.ai/kv-events-port"
 """Pod annotation: the port the pod publishes KV-cache events on, or ``auto`` (ask the pod)."""
 
 
-def _kv_events(annotations: dict[str, str], host: str) -> str:
+def kv_events_endpoint(annotations: dict[str, str], host: str, rank: int = 0) -> str:
+    """The pod's ``PodSpec.kv_events``. ``rank`` offsets the annotated port, as vLLM offsets
+    each data-parallel rank's publisher."""
     value = annotations.get(KV_EVENTS_PORT, "").strip()
     if not value:
         return ""
     if value == "auto":
         return value
     try:
-        port = keys.parse_port(value, KV_EVENTS_PORT, None)
+        port = int(keys.parse_port(value, KV_EVENTS_PORT, None) or 0) + rank
     except ValueError as exc:
         raise PodLabelError(str(exc)) from None
+    if port > 65535:
+        raise PodLabelError(f"{KV_EVENTS_PORT}={value} + rank {rank} is not a TCP port")
     return f"tcp://{host}:{port}"
 
 

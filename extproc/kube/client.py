@@ -49,6 +49,7 @@ HTTPROUTE = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute
 REFERENCE_GRANT = Resource(
     "gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant"
 )
+INFERENCE_POOL = Resource("inference.networking.k8s.io", "v1", "inferencepools", "InferencePool")
 
 
 def _as_dict(result: object) -> dict[str, Any]:
@@ -116,11 +117,16 @@ class Kube:
         )
 
     def list(
-        self, resource: Resource, namespace: str | None, label_selector: str | None = None
+        self,
+        resource: Resource,
+        namespace: str | None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
     ) -> tuple[list[dict[str, Any]], str]:
         """Items (``kind`` and ``apiVersion`` filled in) and the list's resourceVersion."""
         response = self._list_function(resource, namespace)(
             label_selector=label_selector,
+            field_selector=field_selector,
             _preload_content=False,
             _request_timeout=REQUEST_TIMEOUT,
         )
@@ -142,6 +148,7 @@ class Kube:
         resource_version: str,
         timeout_seconds: int,
         on_open: Callable[[watch.Watch], None],
+        field_selector: str | None = None,
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """``(event type, object)`` from ``resource_version`` on, until the server ends the watch.
 
@@ -153,6 +160,7 @@ class Kube:
         events = stream.stream(  # type: ignore[no-untyped-call]
             self._list_function(resource, namespace),
             label_selector=label_selector,
+            field_selector=field_selector,
             resource_version=resource_version,
             timeout_seconds=timeout_seconds,
             allow_watch_bookmarks=True,

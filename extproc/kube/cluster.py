@@ -1,7 +1,8 @@
 """The server's Kubernetes side: shared watches, pod discovery and the HTTPRoute controller.
 
-Built only when ``discovery: kubernetes`` or ``manage_httproutes`` asks for it. The Pod watch is
-shared: discovery and the controller read the same cache, so a pod is fetched once.
+Built only when ``discovery: kubernetes`` or ``inferencepool``, or ``manage_httproutes``, asks for
+it. The watch of model-labelled Pods is shared: kubernetes discovery and the controller read the
+same cache, so a pod is fetched once. InferencePool discovery watches its own pool's pods.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ import socket
 import uuid
 
 from extproc.config import KubernetesSettings
+from extproc.discovery.inferencepool import InferencePoolDiscovery
 from extproc.discovery.kubernetes import KubernetesDiscovery, slim_pod
 from extproc.fleet.registry import PodRegistry
-from extproc.kube.client import DEPLOYMENT, MODEL_ADAPTER, POD, Kube, load_api_client
+from extproc.kube.client import (
+    DEPLOYMENT,
+    INFERENCE_POOL,
+    MODEL_ADAPTER,
+    POD,
+    Kube,
+    load_api_client,
+)
 from extproc.kube.controller import HTTPRouteController, slim_deployment
 from extproc.kube.httproutes import RouteOptions
 from extproc.kube.informer import Informer
@@ -43,32 +52,40 @@ class Cluster:
         registry: PodRegistry,
         telemetry: Telemetry,
         *,
-        discover_pods: bool,
+        provider: str,
     ) -> None:
+        """``provider`` is the discovery provider: ``kubernetes`` and ``inferencepool`` find
+        pods here; any other leaves the Cluster to the HTTPRoute controller."""
         self.identity = replica_identity()
         self.api = load_api_client(settings.kubeconfig, user_agent=f"extproc/{self.identity}")
         self.kube = Kube(self.api)
         self.metrics = KubeMetrics(telemetry.registry)
         namespaces = settings.namespaces or None
         misplaced = MisplacedKeyReport(self.metrics.misplaced_keys)
-        self.pods = Informer(
-            self.kube,
-            POD,
-            namespaces,
-            self.metrics,
-            label_selector=SELECTOR,
-            transform=slim_pod,
-        )
-        self.informers = [self.pods]
+        self.informers: list[Informer] = []
+        self._pods: Informer | None = None
+        if provider == "kubernetes" or settings.manage_httproutes:
+            self._pods = Informer(
+                self.kube,
+                POD,
+                namespaces,
+                self.metrics,
+                label_selector=SELECTOR,
+                transform=slim_pod,
+            )
+            self.informers.append(self._pods)
         self.discovery: KubernetesDiscovery | None = None
-        if discover_pods:
+        if provider == "kubernetes" and self._pods is not None:
             adapters = Informer(self.kube, MODEL_ADAPTER, namespaces, self.metrics)
             self.informers.append(adapters)
             self.discovery = KubernetesDiscovery(
-                registry, telemetry, self.pods, adapters, misplaced
+                registry, telemetry, self._pods, adapters, misplaced
             )
+        self.pool: InferencePoolDiscovery | None = None
+        if provider == "inferencepool":
+            self.pool = self._pool_discovery(settings.inference_pool, registry, telemetry)
         self.controller: HTTPRouteController | None = None
-        if settings.manage_httproutes:
+        if settings.manage_httproutes and self._pods is not None:
             deployments = Informer(
                 self.kube,
                 DEPLOYMENT,
@@ -91,7 +108,7 @@ class Cluster:
             self.controller = HTTPRouteController(
                 self.kube,
                 deployments,
-                self.pods,
+                self._pods,
                 lease,
                 options,
                 self.metrics,
@@ -100,16 +117,46 @@ class Cluster:
             )
         self._task: asyncio.Task[None] | None = None
 
+    def _pool_discovery(
+        self, pool: str, registry: PodRegistry, telemetry: Telemetry
+    ) -> InferencePoolDiscovery:
+        """Discovery of ``NAMESPACE/NAME``: one watch of the pool, one of its namespace's pods."""
+        namespace, _, name = pool.partition("/")
+        pools = Informer(
+            self.kube,
+            INFERENCE_POOL,
+            [namespace],
+            self.metrics,
+            field_selector=f"metadata.name={name}",
+        )
+
+        def pod_informer(selector: str) -> Informer:
+            return Informer(
+                self.kube,
+                POD,
+                [namespace],
+                self.metrics,
+                label_selector=selector,
+                transform=slim_pod,
+            )
+
+        return InferencePoolDiscovery(registry, telemetry, pools, pod_informer, namespace, name)
+
     def start(self) -> None:
         """Start the watch threads (and the controller); returns without waiting for them."""
         for informer in self.informers:
             informer.start()
+        if self.pool is not None:
+            self.pool.start()
         if self.controller is not None:
             self._task = asyncio.create_task(self.controller.run(), name="httproute-controller")
 
     async def wait_loaded(self) -> None:
         """Until discovery has put the first complete pod list into the registry."""
-        await self.pods.wait_synced()
+        if self.pool is not None:
+            await self.pool.wait_loaded()
+        elif self._pods is not None:
+            await self._pods.wait_synced()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -118,4 +165,6 @@ class Cluster:
                 await self._task
         for informer in self.informers:
             await informer.stop()
+        if self.pool is not None:
+            await self.pool.stop()
         self.api.close()  # type: ignore[no-untyped-call]

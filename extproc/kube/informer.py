@@ -76,6 +76,7 @@ class Informer:
         metrics: KubeMetrics,
         *,
         label_selector: str | None = None,
+        field_selector: str | None = None,
         transform: Callable[[Obj], Obj] | None = None,
         watch_timeout: int = 300,
         backoff: Backoff = DEFAULT_BACKOFF,
@@ -85,6 +86,7 @@ class Informer:
         self._namespaces: list[str | None] = list(namespaces) if namespaces else [None]
         self._metrics = metrics
         self._selector = label_selector
+        self._fields = field_selector
         self._transform = transform
         self._watch_timeout = watch_timeout
         self._backoff = backoff
@@ -198,7 +200,7 @@ class Informer:
             try:
                 if resource_version is None:
                     items, resource_version = self._kube.list(
-                        self.resource, namespace, self._selector
+                        self.resource, namespace, self._selector, self._fields
                     )
                     prepared = [self._prepare(item) for item in items]
                     if not self._post(Change("reset", namespace), prepared):
@@ -220,6 +222,7 @@ class Informer:
                     resource_version,
                     self._watch_timeout,
                     functools.partial(self._opened, mine=mine),
+                    self._fields,
                 ):
                     events += 1
                     version = (obj.get("metadata") or {}).get("resourceVersion")

@@ -1,9 +1,10 @@
 """A small in-memory fake of the Kubernetes API, enough for the real ``kubernetes`` client.
 
-It serves list, watch (chunked JSON lines, resourceVersion resume, label selectors, 410 Gone
-after ``compact()``), get, create, replace (409 on a stale resourceVersion) and delete for Pods,
-Deployments, ModelAdapters, HTTPRoutes, ReferenceGrants and Leases, on a free loopback port, from
-its own thread and event loop so that synchronous and asynchronous tests can both use it.
+It serves list, watch (chunked JSON lines, resourceVersion resume, label selectors and
+``metadata.name``/``metadata.namespace`` field selectors, 410 Gone after ``compact()``), get,
+create, replace (409 on a stale resourceVersion) and delete for Pods, Deployments, ModelAdapters,
+InferencePools, HTTPRoutes, ReferenceGrants and Leases, on a free loopback port, from its own
+thread and event loop so that synchronous and asynchronous tests can both use it.
 It is a fake: no admission, no defaulting, no field validation, no authentication.
 """
 
@@ -45,6 +46,7 @@ KINDS = [
     Kind("", "v1", "pods", "Pod"),
     Kind("apps", "v1", "deployments", "Deployment"),
     Kind("model.aibrix.ai", "v1alpha1", "modeladapters", "ModelAdapter"),
+    Kind("inference.networking.k8s.io", "v1", "inferencepools", "InferencePool"),
     Kind("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"),
     Kind("gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant"),
     Kind("coordination.k8s.io", "v1", "leases", "Lease"),
@@ -83,6 +85,7 @@ class _Watcher:
     kind: Kind
     namespace: str | None
     selector: str | None
+    fields: str | None
     queue: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)
 
 
@@ -103,6 +106,31 @@ def selector_matches(selector: str | None, labels: dict[str, str]) -> bool:
         elif term not in labels:
             return False
     return True
+
+
+FIELDS = ("metadata.name", "metadata.namespace")
+"""The field selectors every kind supports; other fields are refused with 400, as the API does."""
+
+
+def fields_match(selector: str | None, obj: Obj) -> bool:
+    """Field selectors on ``metadata.name``/``metadata.namespace``: ``=``, ``==``, ``!=``."""
+    meta = obj.get("metadata") or {}
+    for term in filter(None, (t.strip() for t in (selector or "").split(","))):
+        negate = "!=" in term
+        key, value = term.replace("!=", "=").replace("==", "=").split("=", 1)
+        actual = meta.get(key.removeprefix("metadata."), "")
+        if (actual == value) == negate:
+            return False
+    return True
+
+
+def bad_fields(selector: str | None) -> str | None:
+    """The first term of ``selector`` this fake (and the API, for most kinds) cannot select on."""
+    for term in filter(None, (t.strip() for t in (selector or "").split(","))):
+        key = term.replace("!=", "=").split("=", 1)[0]
+        if "=" not in term or key not in FIELDS:
+            return term
+    return None
 
 
 def _labels(obj: Obj | None) -> dict[str, str]:
@@ -232,6 +260,11 @@ class FakeApiServer:
         with self._lock:
             self._failures.append(Failure(status, method, path_contains, times))
 
+    def heal(self) -> None:
+        """Drop the failures ``fail`` injected that have not happened yet."""
+        with self._lock:
+            self._failures.clear()
+
     def writes(self, kind_name: str | None = None) -> list[Request]:
         """Create/replace/delete requests, optionally only those for one kind."""
         plural = BY_KIND[kind_name].plural if kind_name else ""
@@ -332,6 +365,10 @@ class FakeApiServer:
         if failed is not None:
             return web.json_response(_status(failed, "InternalError", "injected"), status=failed)
         if request.method == "GET" and name is None:
+            bad = bad_fields(request.query.get("fieldSelector"))
+            if bad is not None:
+                message = f"field label not supported: {bad}"
+                return web.json_response(_status(400, "BadRequest", message), status=400)
             if request.query.get("watch") in ("true", "1"):
                 return await self._watch(request, kind, namespace)
             return self._list(request, kind, namespace)
@@ -345,18 +382,26 @@ class FakeApiServer:
             return self._delete(kind, namespace, name)
         return web.json_response(_status(405, "MethodNotAllowed", "unsupported"), status=405)
 
-    def _selected(self, kind: Kind, namespace: str | None, selector: str | None) -> list[Obj]:
+    def _selected(
+        self, kind: Kind, namespace: str | None, selector: str | None, fields: str | None
+    ) -> list[Obj]:
         return [
             copy.deepcopy(obj)
             for (k, ns, _), obj in sorted(self._objects.items())
             if k == kind.kind
             and (namespace is None or ns == namespace)
             and selector_matches(selector, _labels(obj))
+            and fields_match(fields, obj)
         ]
 
     def _list(self, request: web.Request, kind: Kind, namespace: str | None) -> web.Response:
         with self._lock:
-            items = self._selected(kind, namespace, request.query.get("labelSelector"))
+            items = self._selected(
+                kind,
+                namespace,
+                request.query.get("labelSelector"),
+                request.query.get("fieldSelector"),
+            )
             rv = self._rv
         for item in items:
             if kind.group == "":
@@ -417,7 +462,7 @@ class FakeApiServer:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
-        watcher = _Watcher(kind, namespace, selector)
+        watcher = _Watcher(kind, namespace, selector, request.query.get("fieldSelector"))
         with self._lock:
             if since < self._compacted:
                 backlog: list[Event] | None = None
@@ -467,6 +512,8 @@ class FakeApiServer:
             and event.obj["metadata"]["namespace"] != watcher.namespace
         ):
             return
+        if not fields_match(watcher.fields, event.obj):
+            return  # name and namespace never change, so an object never enters or leaves
         now = selector_matches(watcher.selector, _labels(event.obj))
         before = event.old is not None and selector_matches(watcher.selector, _labels(event.old))
         if event.type == "DELETED":
