@@ -85,6 +85,12 @@ class StackConfig:
     """Also run the no-op ext_proc (``tools/bench/noop_extproc.py``, routing everything to pod
     0) behind its own Envoy listener: Python's floor for the hop, measured beside the server."""
     workdir: Path | None = None
+    replicas: int = 1
+    """``extproc serve`` processes behind the one Envoy (its ext_proc cluster has an endpoint
+    each, and Envoy spreads requests over them); each keeps its own state."""
+    kv_events: bool = False
+    """The simulated pods publish KV-cache events and the static file says ``kv_events: auto``,
+    so the server matches prompts exactly (with ``--tokenizer remote`` or token-id prompts)."""
 
 
 class LocalStack:
@@ -108,9 +114,20 @@ class LocalStack:
             for i in range(config.pods)
         ]
         self.gateway_port = config.gateway_port or free_port()
-        self.grpc_port = config.grpc_port or free_port()
-        self.http_port = config.http_port or free_port()
-        self.users_port = config.users_port or free_port()
+        if config.replicas < 1 or (config.replicas > 1 and config.mode == "epp"):
+            raise ValueError("replicas: at least 1, and only 1 in epp mode")
+        self.grpc_ports = [config.grpc_port or free_port()]
+        self.http_ports = [config.http_port or free_port()]
+        self.users_ports = [config.users_port or free_port()]
+        for _ in range(1, config.replicas):
+            self.grpc_ports.append(free_port())
+            self.http_ports.append(free_port())
+            self.users_ports.append(free_port())
+        self.grpc_port, self.http_port, self.users_port = (
+            self.grpc_ports[0],
+            self.http_ports[0],
+            self.users_ports[0],
+        )
         self.admin_port = config.admin_port or free_port()
         self.direct_port = free_port() if config.direct_listener else None
         self.noop_port = free_port() if config.noop_listener else None
@@ -119,6 +136,8 @@ class LocalStack:
         self.processes: list[Managed] = []
         self.sim: Managed | None = None
         self.server: Managed | None = None
+        """The first (or only) server replica."""
+        self.servers: list[Managed] = []
         self.envoy: Managed | None = None
 
     # -- addresses -----------------------------------------------------------------------------
@@ -142,6 +161,11 @@ class LocalStack:
         return f"http://127.0.0.1:{self.http_port}/metrics"
 
     @property
+    def metrics_urls(self) -> list[str]:
+        """Every server replica's /metrics."""
+        return [f"http://127.0.0.1:{port}/metrics" for port in self.http_ports]
+
+    @property
     def users_url(self) -> str:
         return f"http://127.0.0.1:{self.users_port}"
 
@@ -156,7 +180,12 @@ class LocalStack:
             **self.config.server_settings,
             "pods": [
                 *[
-                    {"name": p.name, "address": p.address, "model": p.model}
+                    {
+                        "name": p.name,
+                        "address": p.address,
+                        "model": p.model,
+                        **({"kv_events": "auto"} if self.config.kv_events else {}),
+                    }
                     for p in (self.pods if pods is None else pods)
                 ],
                 *self.config.extra_pods,
@@ -180,6 +209,7 @@ class LocalStack:
             listen_port=self.gateway_port,
             admin_port=self.admin_port,
             extproc_port=self.grpc_port,
+            extproc_replica_ports=self.grpc_ports[1:],
             models=models,
             retries=self.config.retries,
             direct_port=self.direct_port,
@@ -244,8 +274,11 @@ class LocalStack:
 
     def _start(self) -> None:
         logs = self.workdir / "logs"
+        sim_defaults = dict(self.config.sim_defaults)
+        if self.config.kv_events:
+            sim_defaults.setdefault("kv_events", True)
         sim_config = {
-            "defaults": self.config.sim_defaults,
+            "defaults": sim_defaults,
             "pods": [
                 {"name": p.name, "port": p.port, "model": p.model, **p.params} for p in self.pods
             ],
@@ -262,28 +295,33 @@ class LocalStack:
                 self.sim.wait_http(f"{pod.url}/health")
 
         self.write_pods()
-        self.server = self._spawn(
-            "extproc",
-            [
-                bin_path("extproc"),
-                "serve",
-                "--config",
-                str(self.pods_file),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.grpc_port),
-                "--http-port",
-                str(self.http_port),
-                "--users-port",
-                str(self.users_port),
-                *self.mode_args(),
-                *self.config.server_args,
-            ],
-            logs / "extproc.log",
-            env=self.config.server_env,
-        )
-        self.server.wait_http(f"http://127.0.0.1:{self.http_port}/readyz")
+        for replica in range(self.config.replicas):
+            self.servers.append(
+                self._spawn(
+                    "extproc" if replica == 0 else f"extproc-{replica}",
+                    [
+                        bin_path("extproc"),
+                        "serve",
+                        "--config",
+                        str(self.pods_file),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(self.grpc_ports[replica]),
+                        "--http-port",
+                        str(self.http_ports[replica]),
+                        "--users-port",
+                        str(self.users_ports[replica]),
+                        *self.mode_args(),
+                        *self.config.server_args,
+                    ],
+                    logs / ("extproc.log" if replica == 0 else f"extproc-{replica}.log"),
+                    env=self.config.server_env,
+                )
+            )
+        self.server = self.servers[0]
+        for server, port in zip(self.servers, self.http_ports, strict=True):
+            server.wait_http(f"http://127.0.0.1:{port}/readyz")
 
         if self.noop_extproc_port is not None and self.pods:
             noop = self._spawn(
@@ -311,6 +349,29 @@ class LocalStack:
         self.envoy.wait_http(f"http://127.0.0.1:{self.admin_port}/ready")
         self.envoy.wait_port(self.gateway_port)
 
+    def wait_kv_events(self, timeout: float = 30.0) -> None:
+        """Until every server replica matches every pod that publishes KV-cache events exactly
+        (connected to its events, its block size known), as the debug API reports."""
+        import time
+
+        import grpc
+
+        from extproc.debug.v1 import debug_pb2 as pb
+        from extproc.debug.v1.debug_pb2_grpc import RouterDebugStub
+
+        deadline = time.monotonic() + timeout
+        for port in self.grpc_ports:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = RouterDebugStub(channel)
+                while True:
+                    pods = stub.ListPods(pb.ListPodsRequest(), timeout=5).pods
+                    publishing = [p for p in pods if p.HasField("kv_events")]
+                    if publishing and all(p.kv_events.precise for p in publishing):
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"KV events not followed by the server on {port}")
+                    time.sleep(0.1)
+
     def _spawn(
         self, name: str, argv: list[str], log: Path, env: Mapping[str, str] | None = None
     ) -> Managed:
@@ -322,6 +383,7 @@ class LocalStack:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
+        self.servers.clear()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -93,6 +93,9 @@ class GatewayLayout:
     """The server's address (an IP, or a name Envoy resolves)."""
     extproc_tls: UpstreamTls | None = None
     """TLS (mTLS with a client certificate) to the ext_proc server; plaintext when unset."""
+    extproc_replica_ports: Sequence[int] = ()
+    """Further server replicas on ``extproc_host``: the ext_proc cluster gets an endpoint each
+    and Envoy spreads the requests' streams over them."""
 
 
 def _ext_proc_filter(layout: GatewayLayout, cluster: str = EXT_PROC_CLUSTER) -> dict[str, Any]:
@@ -231,7 +234,12 @@ def bootstrap(layout: GatewayLayout) -> dict[str, Any]:
     clusters: list[dict[str, Any]] = [
         original_destination_cluster(),
         parts.grpc_cluster(
-            EXT_PROC_CLUSTER, f"{layout.extproc_host}:{layout.extproc_port}", layout.extproc_tls
+            EXT_PROC_CLUSTER,
+            [
+                f"{layout.extproc_host}:{port}"
+                for port in (layout.extproc_port, *layout.extproc_replica_ports)
+            ],
+            layout.extproc_tls,
         ),
         *_model_clusters(layout),
     ]

@@ -110,10 +110,15 @@ def endpoint_cluster(
 
 
 def grpc_cluster(
-    name: str, target: str, tls: UpstreamTls | None, connect_timeout: str = "2s"
+    name: str,
+    target: str | Sequence[str],
+    tls: UpstreamTls | None,
+    connect_timeout: str = "2s",
 ) -> dict[str, Any]:
-    """The cluster Envoy reaches the ext_proc server through: HTTP/2, maybe TLS."""
-    cluster = endpoint_cluster(name, [target], http2=True, connect_timeout=connect_timeout)
+    """The cluster Envoy reaches the ext_proc server through: HTTP/2, maybe TLS. Several
+    targets (server replicas) get Envoy's round robin: each request's stream picks one."""
+    targets = [target] if isinstance(target, str) else list(target)
+    cluster = endpoint_cluster(name, targets, http2=True, connect_timeout=connect_timeout)
     if tls is not None:
         cluster["transport_socket"] = upstream_tls(tls)
     return cluster
