@@ -10,7 +10,7 @@ order:
    reached, retries on another pod (the next of the server's fallback list with
    ``destination_endpoint_header``, else the least loaded).
 3. ``original_route``: any other ``target-pod`` goes to an ORIGINAL_DST cluster reading it (what
-   the manifests' EnvoyPatchPolicy adds): the server's choice is honoured for pods Envoy was
+   the patch-policy overlay's EnvoyPatchPolicy adds): the server's choice is honoured for pods Envoy was
    never told about (the server's pod file changed, Kubernetes discovery).
 4. ``<model>-router``: a request the server routed by model only (no strategy header, no default
    strategy) goes to the model's pods, least-request first, retried on another pod.

@@ -75,9 +75,12 @@ class Cluster:
             )
             self.informers.append(self._pods)
         self.discovery: KubernetesDiscovery | None = None
-        if provider == "kubernetes" and self._pods is not None:
+        adapters: Informer | None = None
+        if self._pods is not None:
+            # Discovery reads which pods hold each adapter; the controller routes its name.
             adapters = Informer(self.kube, MODEL_ADAPTER, namespaces, self.metrics)
             self.informers.append(adapters)
+        if provider == "kubernetes" and self._pods is not None and adapters is not None:
             self.discovery = KubernetesDiscovery(
                 registry, telemetry, self._pods, adapters, misplaced
             )
@@ -114,6 +117,7 @@ class Cluster:
                 self.metrics,
                 misplaced,
                 namespaces,
+                adapters=adapters,
             )
         self._task: asyncio.Task[None] | None = None
 

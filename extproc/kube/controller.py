@@ -90,6 +90,7 @@ class HTTPRouteController:
         misplaced: MisplacedKeyReport,
         namespaces: Sequence[str] | None,
         *,
+        adapters: Informer | None = None,
         resync: float = 60.0,
         debounce: float = 0.1,
         backoff: Backoff = DEFAULT_BACKOFF,
@@ -97,6 +98,7 @@ class HTTPRouteController:
         self._kube = kube
         self._deployments = deployments
         self._pods = pods
+        self._adapters = adapters
         self._lease = lease
         self._options = options
         self._metrics = metrics
@@ -113,6 +115,8 @@ class HTTPRouteController:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="httproutes")
         deployments.subscribe(self._changed)
         pods.subscribe(self._changed)
+        if adapters is not None:
+            adapters.subscribe(self._changed)
         lease.subscribe(self.leadership_changed)
 
     def _changed(self, _: Change) -> None:
@@ -163,7 +167,10 @@ class HTTPRouteController:
             self._executor.shutdown(wait=False)
 
     async def reconcile(self) -> None:
-        rendering = render([*self._deployments.objects(), *self._pods.objects()], self._options)
+        adapters = self._adapters.objects() if self._adapters is not None else []
+        rendering = render(
+            [*self._deployments.objects(), *self._pods.objects(), *adapters], self._options
+        )
         self._report(rendering)
         if not self._lease.is_leader():
             return

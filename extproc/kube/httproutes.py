@@ -1,9 +1,10 @@
 """HTTPRoutes (and ReferenceGrants) from model labels, as docs/kubernetes.md describes them.
 
-A pure function of the Deployments and Pods carrying ``model.aibrix.ai/name``: the CLI renders
-from files or a cluster listing, and the controller applies the same output. Everything about a
-model that the objects get wrong (a bad port, a key in the wrong place, two sources disagreeing)
-comes back as a ``Finding`` beside the objects rather than being guessed at quietly.
+A pure function of the Deployments and Pods carrying ``model.aibrix.ai/name``, and of the
+ModelAdapters on their models (an adapter's name routes to its base model's Service): the CLI
+renders from files or a cluster listing, and the controller applies the same output. Everything
+about a model that the objects get wrong (a bad port, a key in the wrong place, two sources
+disagreeing) comes back as a ``Finding`` beside the objects rather than being guessed at quietly.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "extproc-httproutes"
 OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 SOURCE_KINDS = ("Deployment", "Pod")
+ADAPTER_KIND = "ModelAdapter"
 MAX_BACKENDS = 16
 """The HTTPRoute schema's limit on backendRefs per rule."""
 
@@ -159,7 +161,13 @@ def render(objects: Iterable[Mapping[str, Any]], options: RouteOptions) -> Rende
     """The HTTPRoutes and ReferenceGrants the given Deployments and Pods call for."""
     result = Rendering()
     models: dict[str, list[_Source]] = {}
+    adapters: list[tuple[str, str, ObjectRef]] = []
     for obj in objects:
+        if obj.get("kind") == ADAPTER_KIND:
+            base = (obj.get("spec") or {}).get("baseModel")
+            if isinstance(base, str) and base:
+                adapters.append((obj["metadata"]["name"], base, keys.ref_of(obj)))
+            continue
         if obj.get("kind") not in SOURCE_KINDS:
             continue
         labels, annotations = keys.metadata(obj)
@@ -203,6 +211,7 @@ def render(objects: Iterable[Mapping[str, Any]], options: RouteOptions) -> Rende
             continue
         taken[name] = model
         result.objects.extend(_model_objects(model, name, sources, options, result.findings))
+    _adapter_routes(adapters, models, taken, result)
     result.objects.sort(
         key=lambda o: (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"])
     )
@@ -365,3 +374,58 @@ def _model_objects(
             }
         )
     return objects
+
+
+def _adapter_routes(
+    adapters: list[tuple[str, str, ObjectRef]],
+    models: Mapping[str, list[_Source]],
+    taken: dict[str, str],
+    result: Rendering,
+) -> None:
+    """A route per adapter: its name in the ``model`` header goes to the base model's Service
+    (the server has already picked a pod of that Service holding the adapter). The base
+    model's ReferenceGrants cover it: they admit any HTTPRoute of the gateway namespace."""
+    routes = {
+        o["metadata"]["labels"][keys.NAME]: o for o in result.objects if o["kind"] == "HTTPRoute"
+    }
+    for adapter, base, ref in sorted(adapters, key=lambda a: (a[0], a[2])):
+        base_route = routes.get(base)
+        if base_route is None:
+            if base not in models:
+                result.findings.append(
+                    Finding(
+                        "adapter_without_model",
+                        f"{ref}: base model {base!r} has no Deployment or Pod labelled "
+                        f"{keys.NAME}; no route for adapter {adapter!r}",
+                        adapter,
+                        ref,
+                    )
+                )
+            continue
+        name = route_name(adapter)
+        if adapter in models or name in taken:
+            result.findings.append(
+                Finding(
+                    "name_collision",
+                    f"{ref}: adapter {adapter!r} maps to route {name}, already used by "
+                    f"{taken.get(name, adapter)!r}",
+                    adapter,
+                    ref,
+                )
+            )
+            continue
+        taken[name] = adapter
+        rule = dict(base_route["spec"]["rules"][0])
+        rule["matches"] = [
+            {**match, "headers": [{"type": "Exact", "name": "model", "value": adapter}]}
+            for match in rule["matches"]
+        ]
+        labels = {MANAGED_BY_LABEL: MANAGED_BY, keys.NAME: adapter}
+        result.objects.append(
+            {
+                "apiVersion": HTTPROUTE_API,
+                "kind": "HTTPRoute",
+                "metadata": {**base_route["metadata"], "name": name, "labels": labels},
+                "spec": {**base_route["spec"], "rules": [rule]},
+            }
+        )

@@ -56,7 +56,14 @@ def read_objects(filenames: list[str], stdin: TextIO) -> list[dict[str, Any]]:
 
 
 def list_cluster(settings: KubernetesSettings) -> list[dict[str, Any]]:
-    from extproc.kube.client import DEPLOYMENT, POD, Kube, load_api_client
+    from extproc.kube.client import (
+        DEPLOYMENT,
+        MODEL_ADAPTER,
+        POD,
+        ApiException,
+        Kube,
+        load_api_client,
+    )
 
     api = load_api_client(settings.kubeconfig)
     try:
@@ -66,6 +73,13 @@ def list_cluster(settings: KubernetesSettings) -> list[dict[str, Any]]:
         for namespace in namespaces:
             for resource in (DEPLOYMENT, POD):
                 items, _ = kube.list(resource, namespace, SELECTOR)
+                objects.extend(items)
+            try:
+                items, _ = kube.list(MODEL_ADAPTER, namespace)
+            except ApiException as exc:
+                if exc.status != 404:  # 404: no ModelAdapter CRD here, so no adapters
+                    raise
+            else:
                 objects.extend(items)
         return objects
     finally:

@@ -1,17 +1,20 @@
-"""Validation of Kubernetes objects against the official CRD schemas in ``../shared/crds``.
+"""Validation of Kubernetes objects against the official CRD schemas vendored in ``tests/crds``.
 
 jsonschema checks each object against its CRD's ``openAPIV3Schema``, made strict: an object
 schema that lists its properties rejects any other key (as ``kubectl apply --validate=strict``
-does), so a misspelt field fails instead of being pruned silently. Not checked: the CEL rules
-(``x-kubernetes-validations``), which need an API server. Built-in kinds are checked by a round
-trip through the ``kubernetes`` client's models, which drop unknown fields.
+does), so a misspelt field fails instead of being pruned silently. Envoy Gateway's CRDs are kept
+per release (``tests/crds/envoy-gateway-v*``): the oldest and the newest the manifests support, and
+v1.4.0 for the patch-policy overlay only; an object must validate against every release it is
+meant for, so a field one of them lacks fails. Not checked: the CEL
+rules (``x-kubernetes-validations``), which need an API server. Built-in kinds are checked by a
+round trip through the ``kubernetes`` client's models, which drop unknown fields. A kind no
+vendored CRD serves is a failure (``KeyError``), never a skip.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,27 +28,18 @@ import yaml
 from kubernetes.client import ApiClient
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _shared() -> Path:
-    """The product's shared folder (official CRDs, seed examples): ``$EXTPROC_SHARED_DIR``, else
-    beside the checkout, else the workplace's ``/work/shared`` (a clone made elsewhere)."""
-    candidates = (os.environ.get("EXTPROC_SHARED_DIR"), REPO.parent / "shared", "/work/shared")
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "crds").is_dir():
-            return Path(candidate)
-    return REPO.parent / "shared"
-
-
-SHARED = _shared()
-CRDS = SHARED / "crds"
-SEED = SHARED / "seed-examples"
+CRDS = REPO / "tests" / "crds"
+SEED = Path(__file__).resolve().parent / "seed-examples"
+"""The objects users deploy today (a model Deployment, a hand-made HTTPRoute, a ModelAdapter)."""
+PRE_ENDPOINT_OVERRIDE = "envoy-gateway-v1.4.0"
+"""A release older than the base supports (no ``loadBalancer.endpointOverride``): only the
+patch-policy overlay is checked against it."""
 
 
 def require_shared(path: Path) -> Path:
-    """Skip, saying where it looked, when the shared folder is not on this machine."""
+    """``path``, which is vendored in the repository: its absence fails the test."""
     if not path.exists():
-        pytest.skip(f"{path} is not here: set EXTPROC_SHARED_DIR to the product's shared folder")
+        pytest.fail(f"{path} is missing from the checkout")
     return path
 
 
@@ -63,6 +57,7 @@ CORE_MODELS = {
     ("rbac.authorization.k8s.io/v1", "Role"): "V1Role",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "V1RoleBinding",
     ("policy/v1", "PodDisruptionBudget"): "V1PodDisruptionBudget",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2HorizontalPodAutoscaler",
 }
 CLUSTER_SCOPED_CORE = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 
@@ -100,11 +95,14 @@ def strict(schema: Any) -> Any:
 
 
 @cache
-def crds() -> dict[tuple[str, str], Crd]:
-    """``(apiVersion, kind)`` -> schema, for every served version of every shared CRD."""
-    require_shared(CRDS)
-    found: dict[tuple[str, str], Crd] = {}
-    for path in sorted(CRDS.glob("*.yaml")):
+def releases() -> dict[tuple[str, str], dict[str, Crd]]:
+    """``(apiVersion, kind)`` -> {release folder ("" for tests/crds itself) -> schema}, for every
+    served version of every vendored CRD."""
+    if not CRDS.is_dir():
+        pytest.fail(f"{CRDS} is missing from the checkout")
+    found: dict[tuple[str, str], dict[str, Crd]] = {}
+    for path in sorted(CRDS.rglob("*.yaml")):
+        release = "" if path.parent == CRDS else path.parent.name
         for document in yaml.safe_load_all(path.read_text()):
             if not document or document.get("kind") != "CustomResourceDefinition":
                 continue
@@ -113,7 +111,7 @@ def crds() -> dict[tuple[str, str], Crd]:
                 if not version.get("served", True):
                     continue
                 api_version = f"{spec['group']}/{version['name']}"
-                found[(api_version, spec["names"]["kind"])] = Crd(
+                found.setdefault((api_version, spec["names"]["kind"]), {})[release] = Crd(
                     spec["group"],
                     version["name"],
                     spec["names"]["kind"],
@@ -121,6 +119,15 @@ def crds() -> dict[tuple[str, str], Crd]:
                     strict(version["schema"]["openAPIV3Schema"]),
                 )
     return found
+
+
+def crds() -> dict[tuple[str, str], Crd]:
+    """``(apiVersion, kind)`` -> the schema of the newest vendored release serving it."""
+    return {key: by[max(by, key=_release_order)] for key, by in releases().items()}
+
+
+def _release_order(release: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", release))
 
 
 def schema_at(api_version: str, kind: str, *path: str) -> Obj:
@@ -174,15 +181,26 @@ def _differences(a: Any, b: Any, where: str) -> Iterator[str]:
         yield f"{where}: {a!r} became {b!r}"
 
 
-def errors(obj: Obj) -> list[str]:
-    """Every problem found with ``obj``; KeyError when neither a CRD nor a core model knows it."""
+def errors(obj: Obj, older: bool = False) -> list[str]:
+    """Every problem found with ``obj``; KeyError when neither a CRD nor a core model knows it.
+
+    A custom resource is checked against every vendored release of its CRD (``older``: also
+    ``PRE_ENDPOINT_OVERRIDE``); each message names the release when there are several."""
     key = (obj.get("apiVersion", ""), obj.get("kind", ""))
     if key in CORE_MODELS:
         return metadata_errors(obj, obj["kind"] not in CLUSTER_SCOPED_CORE) + core_errors(obj)
-    crd = crds()[key]
-    validator = jsonschema.Draft7Validator(crd.schema)
-    found = [
-        f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-        for e in validator.iter_errors(obj)
-    ]
-    return metadata_errors(obj, crd.namespaced) + found
+    by_release = {
+        release: crd
+        for release, crd in releases()[key].items()
+        if older or release != PRE_ENDPOINT_OVERRIDE
+    }
+    found: list[str] = []
+    for release, crd in sorted(by_release.items()):
+        prefix = f"[{release}] " if len(by_release) > 1 else ""
+        validator = jsonschema.Draft7Validator(crd.schema)
+        found += [
+            f"{prefix}{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+            for e in validator.iter_errors(obj)
+        ]
+    namespaced = next(iter(by_release.values())).namespaced
+    return metadata_errors(obj, namespaced) + found

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from extproc.discovery.kubernetes import slim_pod
-from extproc.kube.client import DEPLOYMENT, POD, Kube, load_api_client
+from extproc.kube.client import DEPLOYMENT, MODEL_ADAPTER, POD, Kube, load_api_client
 from extproc.kube.controller import HTTPRouteController, slim_deployment
 from extproc.kube.httproutes import MANAGED_BY, MANAGED_BY_LABEL, RouteOptions
 from extproc.kube.informer import Backoff, Informer
@@ -34,7 +34,7 @@ class Controller:
     lease: LeaderLease
     metrics: KubeMetrics
     task: asyncio.Task[None]
-    informers: tuple[Informer, Informer]
+    informers: tuple[Informer, ...]
 
     async def stop(self) -> None:
         self.task.cancel()
@@ -71,6 +71,7 @@ async def controllers(kubeconfig: Path) -> AsyncIterator[Callable[..., Controlle
             transform=slim_pod,
             backoff=FAST,
         )
+        adapters = Informer(kube, MODEL_ADAPTER, namespaces, metrics, backoff=FAST)
         lease = LeaderLease(api, "aibrix-system", LEASE, identity, duration=2.0)
         controller = HTTPRouteController(
             kube,
@@ -81,14 +82,17 @@ async def controllers(kubeconfig: Path) -> AsyncIterator[Callable[..., Controlle
             metrics,
             MisplacedKeyReport(metrics.misplaced_keys),
             namespaces,
+            adapters=adapters,
             resync=0.5,
             debounce=0.02,
             backoff=FAST,
         )
         deployments.start()
         pods.start()
+        adapters.start()
         task = asyncio.create_task(controller.run())
-        running = Controller(identity, controller, lease, metrics, task, (deployments, pods))
+        informers = (deployments, pods, adapters)
+        running = Controller(identity, controller, lease, metrics, task, informers)
         started.append(running)
         return running
 
@@ -147,6 +151,24 @@ async def test_cross_namespace_backend_gets_a_reference_grant(
     fake_api.delete("Deployment", "default", "deepseek-r1-distill-llama-8b")
     await eventually(lambda: fake_api.objects("ReferenceGrant") == [])
     await eventually(lambda: fake_api.objects("HTTPRoute") == [])
+
+
+async def test_a_model_adapter_gets_a_route_to_its_base_model(
+    fake_api: FakeApiServer, controllers
+) -> None:
+    controllers("replica-a")
+    fake_api.put(objects.deployment("qwen", namespace="aibrix-system"))
+    fake_api.put(objects.model_adapter("qwen-lora", "qwen", ["qwen-0"], namespace="aibrix-system"))
+    await eventually(lambda: route(fake_api, "qwen-lora-router") is not None)
+    adapter = route(fake_api, "qwen-lora-router")
+    base = route(fake_api, "qwen-router")
+    assert adapter is not None and base is not None
+    rule = adapter["spec"]["rules"][0]
+    assert rule["backendRefs"] == base["spec"]["rules"][0]["backendRefs"]
+    assert rule["matches"][0]["headers"][0]["value"] == "qwen-lora"
+    fake_api.delete("ModelAdapter", "aibrix-system", "qwen-lora")
+    await eventually(lambda: route(fake_api, "qwen-lora-router") is None)
+    assert route(fake_api, "qwen-router") is not None
 
 
 async def test_pods_alone_name_a_model_and_changes_update_the_route(

@@ -189,6 +189,35 @@ def test_model_in_several_namespaces_routes_to_each() -> None:
     assert grants == ["team-a", "team-b"]
 
 
+def test_an_adapter_routes_to_its_base_models_service() -> None:
+    result = render(
+        [
+            objects.deployment("qwen", namespace="team-a", port="8001"),
+            objects.model_adapter("qwen-lora", "qwen", ["qwen-0"], namespace="team-a"),
+            objects.model_adapter("orphan-lora", "missing", []),
+            objects.model_adapter("qwen", "qwen", []),  # an adapter named like a model
+        ],
+        RouteOptions(),
+    )
+    assert_valid(result.objects)
+    routes = {o["metadata"]["name"]: o for o in result.objects if o["kind"] == "HTTPRoute"}
+    assert sorted(routes) == ["qwen-lora-router", "qwen-router"]
+    base, adapter = routes["qwen-router"], routes["qwen-lora-router"]
+    (rule,) = adapter["spec"]["rules"]
+    assert rule["backendRefs"] == base["spec"]["rules"][0]["backendRefs"]
+    assert {m["path"]["value"] for m in rule["matches"]} == set(PATHS)
+    assert all(
+        m["headers"] == [{"type": "Exact", "name": "model", "value": "qwen-lora"}]
+        for m in rule["matches"]
+    )
+    assert adapter["metadata"]["labels"]["model.aibrix.ai/name"] == "qwen-lora"
+    # the base model's grant admits every route of the gateway namespace, the adapter's too
+    assert len([o for o in result.objects if o["kind"] == "ReferenceGrant"]) == 1
+    codes = sorted((f.code, f.model) for f in result.findings)
+    assert ("adapter_without_model", "orphan-lora") in codes
+    assert ("name_collision", "qwen") in codes
+
+
 def test_other_kinds_and_unlabelled_objects_are_ignored() -> None:
     service = seed("model-deployment.yaml")[1]
     plain = objects.deployment("x")

@@ -24,7 +24,7 @@ from extproc.devstack.processes import Managed, bin_path, free_port
 from extproc.envoy_config import GatewayLayout, bootstrap
 from tests.k8s.schemas import REPO
 
-PATCH = REPO / "manifests" / "base" / "patch-policy.yaml"
+PATCH = REPO / "manifests" / "overlays" / "patch-policy" / "patch-policy.yaml"
 EXTENSION = REPO / "manifests" / "base" / "extension-policy.yaml"
 ENABLE = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}
 
