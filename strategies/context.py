@@ -138,6 +138,18 @@ class PrefixMatches:
     precise: tuple[bool, ...]
     """True where the pod's own KV-cache events say so; false where the server guesses from
     what it routed there."""
+    sent: tuple[int, ...] = ()
+    """Where some pod is precise: the leading prompt tokens this server last routed to each
+    candidate (its own index), whatever the pods hold now. Empty otherwise (``matched`` is
+    then that already)."""
+
+    def affinity(self, minimum: int) -> tuple[int, ...]:
+        """``matched``, or where no candidate holds ``minimum`` tokens, ``sent``: a prefix every
+        pod has evicted goes back to the pod its traffic went to, so under cache pressure each
+        prefix keeps one home instead of scattering copies that evict each other."""
+        if self.sent and max(self.matched) < minimum:
+            return self.sent
+        return self.matched
 
 
 @dataclass(frozen=True, slots=True)

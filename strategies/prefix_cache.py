@@ -43,9 +43,9 @@ class PrefixCache(Strategy):
         load_scores = lower_is_better(loads, 1.0)
         if max(loads) - min(loads) > self.imbalance_abs:
             return load_scores
-        matches = prefix.matched
-        best = max(matches)
         block = prefix.block_tokens
+        matches = prefix.affinity(self.min_match_blocks * block)
+        best = max(matches)
         if best < self.min_match_blocks * block:
             held_blocks = [held // block for held in prefix.held]
             fullest = max(held_blocks) + 1

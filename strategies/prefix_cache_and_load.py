@@ -33,7 +33,9 @@ class PrefixCacheAndLoad(Strategy):
     On a miss (no candidate holds ``min_match_blocks`` blocks) every pod would prefill the
     whole prompt, and ``room_tokens x held / max_held`` is added: the pod believed to cache the
     least takes the new prefix, so distinct prefixes spread over the caches instead of crowding
-    and evicting each other on one pod.
+    and evicting each other on one pod. Where pods publish KV-cache events and none holds the
+    prompt any more, ``matched_tokens`` is where this server sent it
+    (``PrefixMatches.affinity``): the prefix keeps one home under cache pressure.
     """
 
     algorithm = "prefix-cache-and-load"
@@ -56,9 +58,10 @@ class PrefixCacheAndLoad(Strategy):
         total = prefix.prompt_tokens
         minimum = self.min_match_blocks * prefix.block_tokens
         load_tokens = self.load_tokens
+        matches = prefix.affinity(minimum)
         costs = [
             total - (matched if matched >= minimum else 0) + load_tokens * pod.load
-            for matched, pod in zip(prefix.matched, pods, strict=True)
+            for matched, pod in zip(matches, pods, strict=True)
         ]
         if self.kv_tokens:
             usages = []
@@ -69,7 +72,7 @@ class PrefixCacheAndLoad(Strategy):
                 usages.append(metrics.kv_cache_usage)
             else:
                 costs = [c + self.kv_tokens * u for c, u in zip(costs, usages, strict=True)]
-        if self.room_tokens and max(prefix.matched) < minimum:
+        if self.room_tokens and max(matches) < minimum:
             fullest = max(prefix.held)
             if fullest:
                 costs = [

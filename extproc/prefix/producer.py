@@ -117,9 +117,11 @@ class PrefixProducer:
         precise = [False] * len(names)
         prompt_tokens = len(prepared.hashes) * block
         ids = prepared.pod_ids
+        sent: tuple[int, ...] = ()
         if self._kv is not None and self._kv.states and not prepared.adapter:
             if ids is not None:
                 prompt_tokens = max(prompt_tokens, len(ids))
+                sent = tuple(matched_tokens)
                 self._exact(ids, ctx.now, names, matched_tokens, held_tokens, precise)
             elif not self._warned:
                 self._warned = True
@@ -134,6 +136,7 @@ class PrefixProducer:
             matched=tuple(matched_tokens),
             held=tuple(held_tokens),
             precise=tuple(precise),
+            sent=sent if any(precise) else (),
         )
         if prepared.tokens is not None:
             ctx.prompt_tokens = prepared.tokens

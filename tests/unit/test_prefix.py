@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -285,3 +286,20 @@ def test_misses_go_to_the_pod_caching_least() -> None:
     assert best(scores(PrefixCacheAndLoad(), pods, {}, held=held), pods) == "p1"
     # a hit still beats room
     assert best(scores(PrefixCacheAndLoad(), pods, {"p0": 40}, held=held), pods) == "p0"
+
+
+@pytest.mark.parametrize("strategy", [PrefixCache(), PrefixCacheAndLoad(kv_tokens=0)])
+def test_a_prefix_every_pod_evicted_goes_back_where_it_was_sent(
+    strategy: PrefixCache | PrefixCacheAndLoad,
+) -> None:
+    pods = fleet(1, 1, 1)
+    evicted = dataclasses.replace(
+        prefix([0, 0, 0], [100, 900, 100]),
+        precise=(True, True, True),
+        sent=(0, 40 * 16, 0),
+    )
+    # no pod holds it (exactly): its traffic went to p1, so p1 takes it back, full as it is
+    assert best(list(strategy.score(context(pods, prefix=evicted))), pods) == "p1"
+    # a pod that really holds it still wins over where it was sent
+    held = dataclasses.replace(evicted, matched=(10 * 16, 0, 0))
+    assert best(list(strategy.score(context(pods, prefix=held))), pods) == "p0"
