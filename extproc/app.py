@@ -220,6 +220,7 @@ class Server:
             raise OSError(f"cannot bind the gRPC port {address} (already in use?)") from None
         await self._grpc.start()
 
+        http_server.install_bad_request_filter()
         self._http = web.AppRunner(
             http_server.make_app(self.telemetry, self.registry, lambda: self.draining),
             access_log=None,

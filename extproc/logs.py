@@ -2,13 +2,22 @@
 
 Context such as ``request_id``, ``model`` or ``pod`` is passed as ``extra=`` and printed as
 fields. Nothing logs headers wholesale or prompt text, so secrets and prompts stay out.
+
+Many fields carry what a client sent (``x-request-id``, the user, the model, the strategy), so
+no line can be forged from them: in text, a value with a space, ``=``, a quote, a backslash or
+any character that is not printable (controls, Unicode format and separator characters such as
+U+2028 or U+202E) is quoted with those characters escaped, and the message is escaped the same
+way; JSON escapes by construction. String fields are cut at ``FIELD_LIMIT`` bytes, the cut
+marked with how much was left out (``prompt``, written only when ``log_prompts`` asks, is not).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
+import unicodedata
 from typing import Any
 
 import orjson
@@ -18,8 +27,62 @@ _STANDARD = frozenset(
 )
 
 
+FIELD_LIMIT = 256
+"""Bytes of a string field written before the cut."""
+UNCUT = frozenset({"prompt"})
+_PLAIN = re.compile(r"[!#-<>-\[\]-~]*")
+"""Printable ASCII but space, ``"``, ``=`` and ``\\``: written as they are."""
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def cut(value: str, limit: int = FIELD_LIMIT) -> str:
+    """``value`` cut to about ``limit`` UTF-8 bytes, marked ``...(+N bytes)``."""
+    if len(value) <= limit // 4:
+        return value
+    data = value.encode("utf-8", "surrogateescape")
+    if len(data) <= limit:
+        return value
+    kept = data[:limit].decode("utf-8", "ignore")
+    return f"{kept}...(+{len(data) - len(kept.encode())} bytes)"
+
+
+def _escape_char(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if char == " " or (char.isprintable() and unicodedata.category(char) not in ("Cf", "Zl", "Zp")):
+        return char
+    code = ord(char)
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
+
+
+def escape(text: str) -> str:
+    """A message with every character that could end or fake a line written as an escape, and
+    no two spaces in a row (two spaces start the fields)."""
+    if not _PLAIN.fullmatch(text.replace(" ", "")):
+        text = "".join(_escape_char(char) for char in text)
+    return text.replace("  ", " \\x20") if "  " in text else text
+
+
+def text_value(value: object) -> str:
+    """A field's value as the text format writes it: bare when plain, else quoted."""
+    text = value if isinstance(value, str) else str(value)
+    if text and _PLAIN.fullmatch(text):
+        return text
+    return '"' + "".join(_escape_char(char) for char in text) + '"'
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+    return {
+        k: cut(v) if isinstance(v, str) and k not in UNCUT else v
+        for k, v in record.__dict__.items()
+        if k not in _STANDARD
+    }
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,9 +102,9 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        extras = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        extras = " ".join(f"{k}={text_value(v)}" for k, v in _fields(record).items())
         line = f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} {record.name}: "
-        line += record.getMessage() + (f"  {extras}" if extras else "")
+        line += escape(record.getMessage()) + (f"  {extras}" if extras else "")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

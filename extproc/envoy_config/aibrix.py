@@ -10,8 +10,8 @@ order:
    reached, retries on another pod (the next of the server's fallback list with
    ``destination_endpoint_header``, else the least loaded).
 3. ``original_route``: any other ``target-pod`` goes to an ORIGINAL_DST cluster reading it (what
-   the patch-policy overlay's EnvoyPatchPolicy adds): the server's choice is honoured for pods Envoy was
-   never told about (the server's pod file changed, Kubernetes discovery).
+   the patch-policy overlay's EnvoyPatchPolicy adds): the server's choice is honoured for pods
+   Envoy was never told about (the server's pod file changed, Kubernetes discovery).
 4. ``<model>-router``: a request the server routed by model only (no strategy header, no default
    strategy) goes to the model's pods, least-request first, retried on another pod.
 5. ``reserved-*``: the inference paths answer a JSON 503 when nothing routed them.

@@ -3,6 +3,7 @@ request, whatever its outcome; no prompt, header value or token unless ``log_pro
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from extproc.app import Server
 from extproc.debug.v1 import debug_pb2 as pb
 from extproc.debug.v1.debug_pb2_grpc import RouterDebugStub
 from tests import envoy_protocol as ep
+from tests.helpers import eventually
 
 PROMPT = "TOP SECRET PROMPT 7f3a"
 CLIENT_TOKEN = "sk-client-credential-91c2"
@@ -107,7 +109,10 @@ def access_lines(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 async def test_one_access_line_per_request_and_no_secrets(make_server, json_logs) -> None:
     server = await make_server(
-        users_admin_token=ADMIN_TOKEN, unknown_user_policy="default-limits", default_rpm=100
+        users_admin_token=ADMIN_TOKEN,
+        unknown_user_policy="default-limits",
+        default_rpm=100,
+        hold_requests=0,  # rid-503: no ready pod of m2, answered at once rather than held
     )
     await traffic(server)
     await server.stop(grace=0.5)
@@ -142,6 +147,7 @@ async def test_log_prompts_adds_the_prompt_and_nothing_else(make_server, json_lo
         users_admin_token=ADMIN_TOKEN,
         unknown_user_policy="default-limits",
         default_rpm=100,
+        hold_requests=0,
         log_prompts=True,
     )
     await traffic(server)
@@ -156,3 +162,20 @@ async def test_log_prompts_adds_the_prompt_and_nothing_else(make_server, json_lo
     text = orjson.dumps(lines).decode()
     assert CLIENT_TOKEN not in text and ADMIN_TOKEN not in text
     assert text.count(PROMPT) == 4
+
+
+async def test_a_malformed_request_on_the_metrics_port_is_one_warning(
+    make_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await make_server()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+    writer.write(b"GET /" + b"a" * 80_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(64), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400")
+    await eventually(lambda: any(r.name == "aiohttp.server" for r in caplog.records))
+    (entry,) = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert entry.levelno == logging.WARNING and entry.exc_info is None
+    assert "malformed HTTP request answered 400" in entry.getMessage()
+    assert len(entry.getMessage()) < 300
