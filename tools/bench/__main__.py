@@ -136,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--pods", type=int, default=64)
     memory.add_argument("--prompt-blocks", type=int, default=64)
     memory.add_argument("--shared", type=float, default=0.3)
+    memory.add_argument(
+        "--index",
+        choices=("approx", "exact"),
+        default="approx",
+        help="the server's own index (approx) or the KV-event index (exact)",
+    )
     memory.add_argument("--out", help="write the JSON result here")
 
     decision = commands.add_parser("decision", help="in-process routing decision cost")
@@ -195,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--seed", type=int, default=0)
     runner.add_argument("--out", help="path stem for the .json and .png results")
 
-    from tools.bench import scaling
+    from tools.bench import prefix, scaling
 
+    prefix.add_arguments(
+        commands.add_parser(
+            "prefix", help="prefix-aware routing under KV-cache pressure, approximate vs exact"
+        )
+    )
     scaling.add_arguments(
         commands.add_parser(
             "scaling", help="replicas, TTFT and GPU time of autoscaling on each signal (simulated)"
@@ -245,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.benchmark == "index-memory":
         from tools.bench import index_memory
 
-        result = index_memory.run(args.blocks, args.pods, args.prompt_blocks, args.shared)
+        result = index_memory.run(
+            args.blocks, args.pods, args.prompt_blocks, args.shared, args.index
+        )
         result["command"] = "python -m tools.bench " + " ".join(argv or sys.argv[1:])
         _write(result, args.out)
     elif args.benchmark == "decision":
@@ -272,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         _write(result, args.out)
     elif args.benchmark == "run":
         _run(args, argv)
+    elif args.benchmark == "prefix":
+        prefix.command(args, "python -m tools.bench " + " ".join(argv or sys.argv[1:]))
     elif args.benchmark == "scaling":
         scaling.command(args, "python -m tools.bench " + " ".join(argv or sys.argv[1:]))
     elif args.benchmark == "scraper":

@@ -12,6 +12,7 @@ import resource
 import time
 from typing import Any
 
+from extproc.kvevents.index import ExactIndex
 from extproc.prefix.index import PrefixIndex
 
 
@@ -23,12 +24,19 @@ def _rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def run(blocks: int, pods: int, prompt_blocks: int, shared: float) -> dict[str, Any]:
+def run(
+    blocks: int, pods: int, prompt_blocks: int, shared: float, kind: str = "approx"
+) -> dict[str, Any]:
     """Fill an index of ``blocks`` capacity with prompts of ``prompt_blocks`` blocks; a share
     ``shared`` of writes re-record an earlier prompt on another pod (so some entries hold
-    several pods, as hot prefixes do)."""
+    several pods, as hot prefixes do). ``kind``: the server's own index of what it sent where
+    (``approx``) or the index of the pods' KV-cache events (``exact``)."""
     rng = random.Random(0)
-    index = PrefixIndex(capacity=blocks, ttl=3600)
+    index: PrefixIndex | ExactIndex
+    if kind == "exact":
+        index = ExactIndex(capacity=blocks)
+    else:
+        index = PrefixIndex(capacity=blocks, ttl=3600)
     gc.collect()
     rss_before = _rss_kib()
     prompts: list[list[int]] = []
@@ -41,13 +49,18 @@ def run(blocks: int, pods: int, prompt_blocks: int, shared: float) -> dict[str, 
             hashes = [rng.getrandbits(64) for _ in range(prompt_blocks)]
             if len(prompts) < 1000:
                 prompts.append(hashes)
-        index.record(hashes, f"pod-{rng.randrange(pods)}")
+        pod = f"pod-{rng.randrange(pods)}"
+        if isinstance(index, ExactIndex):
+            index.stored(pod, hashes)
+        else:
+            index.record(hashes, pod)
         written += len(hashes)
     seconds = time.perf_counter() - started
     gc.collect()
     rss = (_rss_kib() - rss_before) * 1024
     return {
         "benchmark": "index-memory",
+        "index": kind,
         "blocks": len(index),
         "pods": pods,
         "rss_growth_mib": round(rss / 2**20, 1),
