@@ -403,6 +403,17 @@ async def test_output_routes_with_and_without_strategy_and_every_error_is_json(
             s, h, b = response.status, response.headers.copy(), await response.read()
         assert error_of(s, h, b, 405)["code"] == "method_not_allowed"
         assert h["allow"] == "POST"
+        for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+            async with session.request(method, gw.url + "/v1/completions") as response:
+                s, h, b = response.status, response.headers.copy(), await response.read()
+            assert error_of(s, h, b, 405)["code"] == "method_not_allowed", method
+        async with session.head(gw.url + "/v1/chat/completions") as response:
+            assert response.status == 405
+        async with session.post(
+            gw.url + "/v1/chat/completions/extra", data=json.dumps(CHAT).encode()
+        ) as response:
+            s, h, b = response.status, response.headers.copy(), await response.read()
+        assert error_of(s, h, b, 404)["code"] in ("not_found", "path_not_found")
 
         # Envoy's own replies, as JSON.
         async with session.get(
