@@ -40,6 +40,7 @@ from extproc.routing.pipeline import Pipeline
 from extproc.routing.plans import Plans
 from extproc.scraping.readings import Readings
 from extproc.scraping.scraper import Scraper
+from extproc.scraping.served_adapters import ServedAdapters
 from extproc.telemetry import Telemetry
 from extproc.tls import ServerCertificates
 from extproc.users.api import UsersApi
@@ -159,6 +160,7 @@ class Server:
         self.telemetry.watch_fleet(self.registry, self.readings, self.accounting)
         self.registry.on_removed(self._forget_pod)
         self.scraper = Scraper(settings.scraping, self.registry, self.readings, self.telemetry)
+        self.served_adapters = ServedAdapters(settings.scraping, self.registry)
 
         self.ext_proc = ExternalProcessor(self.new_exchange, self.telemetry)
 
@@ -243,6 +245,7 @@ class Server:
         if self.cluster is not None:
             self.cluster.start()
         await self.scraper.start()
+        await self.served_adapters.start()
         await self.pod_health.start()
         await self.kv_events.start()
         await self.scaler_counts.start()
@@ -297,6 +300,7 @@ class Server:
 
     async def _close_the_rest(self) -> None:
         await self.scraper.stop()
+        await self.served_adapters.stop()
         await self.pod_health.stop()
         await self.kv_events.stop()
         await self.scaler_counts.stop()

@@ -97,6 +97,16 @@ def no_ready_pod(model: str, retry_after: int) -> GatewayError:
     )
 
 
+def adapter_not_loaded(adapter: str, base: str, retry_after: int) -> GatewayError:
+    return GatewayError(
+        503,
+        f"LoRA adapter {clip(adapter)} is not loaded on any ready pod of {base}; retry later.",
+        type="service_unavailable_error",
+        code="adapter_not_loaded",
+        retry_after=retry_after,
+    )
+
+
 def no_endpoint_in_subset(retry_after: int) -> GatewayError:
     return GatewayError(
         503,

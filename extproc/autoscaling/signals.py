@@ -139,7 +139,7 @@ class Signals:
             if first is None or pod.ready_since is None:
                 continue
             entry = (pod.ready_since, max(0.0, first - pod.ready_since))
-            for name in (spec.model, *spec.adapters):
+            for name in (spec.model, *self.registry.serving(pod)):
                 if name not in latest or entry[0] > latest[name][0]:
                     latest[name] = entry
         return {name: seconds for name, (_, seconds) in latest.items()}

@@ -244,9 +244,17 @@ class ScrapingSettings:
         "window over which request rates and mean latencies are derived from scrapes",
         name="metrics_window",
     )
+    models_interval: float = knob(
+        5.0,
+        "how often each ready pod's /v1/models is read for the LoRA adapters it holds (an "
+        "adapter is routed only to pods holding it); 0 routes adapters as discovery declares them",
+        name="models_interval",
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "interval", "timeout", "stale_after", "window")
+        if self.models_interval < 0:
+            raise ConfigError("models_interval", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -86,13 +86,14 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
                     pipeline.readings,
                     pipeline.accounting,
                     self._index.held(pod.name) if self._index is not None else 0,
+                    pipeline.registry.serving(pod),
                 ),
                 now,
             )
             for pod in pipeline.registry.pods()
             if not request.model
             or request.model == pod.spec.model
-            or request.model in pod.spec.adapters
+            or request.model in pipeline.registry.serving(pod)
         ]
         return pb.ListPodsResponse(pods=pods)
 
@@ -103,7 +104,7 @@ class RouterDebug(debug_pb2_grpc.RouterDebugServicer):
         fleet = pipeline.registry
         serving: dict[str, int] = {}
         for pod in fleet.pods():
-            for name in (pod.spec.model, *pod.spec.adapters):
+            for name in (pod.spec.model, *fleet.serving(pod)):
                 serving[name] = serving.get(name, 0) + 1
         models = [
             pb.Model(
@@ -247,7 +248,12 @@ def _candidate(ctx: RoutingContext, index: int) -> pb.Candidate:
 
 
 def _pod_message(
-    pod: Pod, now: float, readings: Readings, accounting: Accounting, prefix_blocks: int
+    pod: Pod,
+    now: float,
+    readings: Readings,
+    accounting: Accounting,
+    prefix_blocks: int,
+    adapters: frozenset[str],
 ) -> pb.Pod:
     spec = pod.spec
     reading = readings.get(spec.name)
@@ -259,7 +265,7 @@ def _pod_message(
         name=spec.name,
         address=spec.address,
         model=spec.model,
-        adapters=sorted(spec.adapters),
+        adapters=sorted(adapters),
         ready=spec.ready,
         namespace=spec.namespace,
         metrics_url=spec.effective_metrics_url,

@@ -1,6 +1,9 @@
 """The fleet as discovery reports it: pods by name, and ready candidates by model.
 
-Discovery providers are the only writers. The routing pipeline asks for candidates per request;
+Discovery providers write the pods; the one other writer is the pod's own report of the LoRA
+adapters it holds (``report_adapters``, from its ``/v1/models``), which once made replaces the
+adapters discovery declared for routing: an adapter unloaded on a pod stops going there, while
+the name stays known. The routing pipeline asks for candidates per request;
 candidate tuples are rebuilt only when the fleet changes, so the hot path reads a ready-made
 tuple. What the server measures about a pod (its metrics, its in-flight requests, what it
 caches) lives with the component that measures it, keyed by the pod's name.
@@ -103,6 +106,8 @@ class PodRegistry:
     _declared: dict[str, frozenset[str]] = field(default_factory=dict)
     """Source -> models it says exist even with no pod (a static ``models:`` list, Deployments
     scaled to zero): requests for them wait for a pod instead of failing as unknown."""
+    _reported: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Pod -> the adapters it says it holds (its ``/v1/models``), once it has said."""
     _change_listeners: list[Listener] = field(default_factory=list)
     _removal_listeners: list[RemovalListener] = field(default_factory=list)
 
@@ -122,6 +127,7 @@ class PodRegistry:
         removed = [name for name in self._pods if name not in wanted]
         for name in removed:
             del self._pods[name]
+            self._reported.pop(name, None)
         for spec in wanted.values():
             self._upsert(spec)
         self.loaded = True
@@ -136,8 +142,24 @@ class PodRegistry:
     def remove(self, name: str) -> None:
         if name in self._pods:
             del self._pods[name]
+            self._reported.pop(name, None)
             self._changed()
             self._notify_removed(name)
+
+    def report_adapters(self, name: str, adapters: frozenset[str] | None) -> None:
+        """What pod ``name`` itself serves besides its model (``None``: forget its report, and
+        route by what discovery declared)."""
+        if name not in self._pods or self._reported.get(name) == adapters:
+            return
+        if adapters is None:
+            self._reported.pop(name, None)
+        else:
+            self._reported[name] = adapters
+        self._changed()
+
+    def serving(self, pod: Pod) -> frozenset[str]:
+        """The adapters requests may go to ``pod`` for."""
+        return self._reported.get(pod.spec.name, pod.spec.adapters)
 
     def mark_loaded(self) -> None:
         self.loaded = True
@@ -170,13 +192,14 @@ class PodRegistry:
         for pod in self._pods.values():
             spec = pod.spec
             models.setdefault(spec.model, ModelInfo(spec.model))
-            for adapter in spec.adapters:
+            serving = self.serving(pod)
+            for adapter in spec.adapters | serving:
                 models.setdefault(adapter, ModelInfo(adapter, parent=spec.model))
             if not spec.ready:
                 continue
             candidates.setdefault(ANY_MODEL, []).append(pod)
             candidates.setdefault(spec.model, []).append(pod)
-            for adapter in spec.adapters:
+            for adapter in serving:
                 candidates.setdefault(adapter, []).append(pod)
         for declared in self._declared.values():
             for model in declared:

@@ -238,6 +238,11 @@ class Ticket:
             holds = pipeline.holds
             if self.dry_run and plan is None:
                 return route
+            info = registry.model(model)
+            if info is not None and info.parent and registry.candidates(info.parent):
+                # The base model's pods are up but none holds the adapter now: waiting for a
+                # first pod would not help.
+                raise errors.adapter_not_loaded(model, info.parent, pipeline.retry_after)
             if self.dry_run or not holds.may_hold(model):
                 raise errors.no_ready_pod(request.model, pipeline.retry_after)
             if on_hold is not None:
