@@ -228,14 +228,19 @@ def check_discovery(discovery: DiscoverySettings, kubernetes: KubernetesSettings
 class ScrapingSettings:
     """Reading the pods' own metrics."""
 
-    interval: float = knob(0.1, "how often each pod's /metrics is scraped", name="scrape_interval")
+    interval: float = knob(
+        1.0,
+        "how often each pod's /metrics is scraped (the page costs the pod's API server CPU "
+        "every time; between scrapes the server's own in-flight counts keep load current)",
+        name="scrape_interval",
+    )
     timeout: float = knob(
         0.5,
         "give up on one scrape after this long (a hung exporter delays only itself)",
         name="scrape_timeout",
     )
     stale_after: float = knob(
-        1.0,
+        3.0,
         "pod metrics older than this count as missing (strategies fall back for that pod)",
         name="metrics_stale_after",
     )

@@ -33,6 +33,7 @@ from extproc.fleet.registry import ANY_MODEL, PodRegistry
 from extproc.routing import openai_request
 from extproc.routing.access_log import AccessLog
 from extproc.routing.accounting import Accounting, Claim
+from extproc.routing.adapter_affinity import prefer_running
 from extproc.routing.holds import Holds
 from extproc.routing.openai_request import Endpoint, InferenceRequest
 from extproc.routing.plans import Plan, Plans
@@ -234,11 +235,11 @@ class Ticket:
             self._model_counted = True
         plan = self.plan
         route = Route(request.model, plan)
+        info = registry.model(model)
         if not registry.candidates(model):
             holds = pipeline.holds
             if self.dry_run and plan is None:
                 return route
-            info = registry.model(model)
             if info is not None and info.parent and registry.candidates(info.parent):
                 # The base model's pods are up but none holds the adapter now: waiting for a
                 # first pod would not help.
@@ -267,6 +268,8 @@ class Ticket:
             if not snapshots:
                 raise errors.no_endpoint_in_subset(pipeline.retry_after)
         snapshots = pipeline.health.usable(snapshots, now)
+        if info is not None and info.parent:
+            snapshots = prefer_running(snapshots, model)
         ctx = RoutingContext(
             key=self.key,
             model=request.model,

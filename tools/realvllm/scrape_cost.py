@@ -86,6 +86,47 @@ def poll(url: str, hz: float, seconds: float) -> tuple[int, float]:
     return count, (total / count * 1000 if count else 0.0)
 
 
+BEFORE = ["--scrape-interval", "0.1", "--metrics-stale-after", "1", "--models-interval", "0"]
+"""The router's reading schedule before it was made lighter: /metrics at 10 Hz, no /v1/models."""
+
+
+def measure_router(server: VllmServer, scenario: str, args: list[str], seconds: float) -> Row:
+    """The vLLM processes' CPU while one ``extproc serve`` (its own settings plus ``args``) reads
+    the pod: what one router replica costs it, whatever the router's schedule."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from extproc.devstack.processes import free_port
+
+    with tempfile.TemporaryDirectory() as folder:
+        pods = f"{folder}/pods.yaml"
+        with open(pods, "w") as f:
+            f.write(
+                f"pods:\n- name: pod\n  address: 127.0.0.1:{server.port}\n"
+                f"  model: {server.served_model_name}\n"
+            )
+        http = free_port()
+        command = [sys.executable, "-m", "extproc", "serve", "--config", pods]
+        command += ["--host", "127.0.0.1", "--port", str(free_port()), "--http-port", str(http)]
+        command += ["--users-port", str(free_port()), *args]
+        router = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{http}/readyz", timeout=1).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            return measure(server, scenario, "", 0, seconds)
+        finally:
+            router.terminate()
+            router.wait(10)
+
+
 def measure(server: VllmServer, scenario: str, path: str, hz: float, seconds: float) -> Row:
     assert server.pid is not None
     procs = {"api": server.pid}
@@ -133,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             measure(server, "/metrics at 10 Hz", "/metrics", 10, args.seconds),
             measure(server, "/load at 10 Hz", "/load", 10, args.seconds),
             measure(server, "/metrics at 1 Hz", "/metrics", 1, args.seconds),
+            measure_router(
+                server,
+                "router, before (scrape 10 Hz, no /v1/models)",
+                BEFORE,
+                args.seconds,
+            ),
+            measure_router(server, "router, now (its defaults)", [], args.seconds),
         ]
     print(f"/metrics page: {size} bytes; access log {'off' if args.no_access_log else 'on'}")
     print(
