@@ -201,12 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--seed", type=int, default=0)
     runner.add_argument("--out", help="path stem for the .json and .png results")
 
-    from tools.bench import prefix, scaling
+    from tools.bench import prefix, scaling, soak
 
     prefix.add_arguments(
         commands.add_parser(
             "prefix", help="prefix-aware routing under KV-cache pressure, approximate vs exact"
         )
+    )
+    soak.add_arguments(
+        commands.add_parser("soak", help="the server's resident memory over a long run")
     )
     scaling.add_arguments(
         commands.add_parser(
@@ -287,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         _run(args, argv)
     elif args.benchmark == "prefix":
         prefix.command(args, "python -m tools.bench " + " ".join(argv or sys.argv[1:]))
+    elif args.benchmark == "soak":
+        soak.command(args, "python -m tools.bench " + " ".join(argv or sys.argv[1:]))
     elif args.benchmark == "scaling":
         scaling.command(args, "python -m tools.bench " + " ".join(argv or sys.argv[1:]))
     elif args.benchmark == "scraper":
