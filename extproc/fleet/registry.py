@@ -1,12 +1,12 @@
 """The fleet as discovery reports it: pods by name, and ready candidates by model.
 
 Discovery providers write the pods; the one other writer is the pod's own report of the LoRA
-adapters it holds (``report_adapters``, from its ``/v1/models``), which once made replaces the
-adapters discovery declared for routing: an adapter unloaded on a pod stops going there, while
-the name stays known. The routing pipeline asks for candidates per request;
-candidate tuples are rebuilt only when the fleet changes, so the hot path reads a ready-made
-tuple. What the server measures about a pod (its metrics, its in-flight requests, what it
-caches) lives with the component that measures it, keyed by the pod's name.
+adapters it holds and the path each was loaded from (``report_adapters``, from its
+``/v1/models``), which once made replaces the adapters discovery declared for routing: an adapter
+unloaded on a pod stops going there, while the name stays known. The routing pipeline asks for
+candidates per request; candidate tuples are rebuilt only when the fleet changes, so the hot
+path reads a ready-made tuple. What the server measures about a pod (its metrics, its in-flight
+requests, what it caches) lives with the component that measures it, keyed by the pod's name.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,11 @@ class PodRegistry:
     _declared: dict[str, frozenset[str]] = field(default_factory=dict)
     """Source -> models it says exist even with no pod (a static ``models:`` list, Deployments
     scaled to zero): requests for them wait for a pod instead of failing as unknown."""
-    _reported: dict[str, frozenset[str]] = field(default_factory=dict)
-    """Pod -> the adapters it says it holds (its ``/v1/models``), once it has said."""
+    _reported: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Pod -> the adapters it says it holds, each with the path it loaded it from (its
+    ``/v1/models``: ``id`` and ``root``), once it has said."""
+    _serving: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Pod -> the names of ``_reported``, ready-made."""
     _change_listeners: list[Listener] = field(default_factory=list)
     _removal_listeners: list[RemovalListener] = field(default_factory=list)
 
@@ -127,7 +130,7 @@ class PodRegistry:
         removed = [name for name in self._pods if name not in wanted]
         for name in removed:
             del self._pods[name]
-            self._reported.pop(name, None)
+            self._forget_report(name)
         for spec in wanted.values():
             self._upsert(spec)
         self.loaded = True
@@ -142,24 +145,34 @@ class PodRegistry:
     def remove(self, name: str) -> None:
         if name in self._pods:
             del self._pods[name]
-            self._reported.pop(name, None)
+            self._forget_report(name)
             self._changed()
             self._notify_removed(name)
 
-    def report_adapters(self, name: str, adapters: frozenset[str] | None) -> None:
-        """What pod ``name`` itself serves besides its model (``None``: forget its report, and
-        route by what discovery declared)."""
+    def report_adapters(self, name: str, adapters: Mapping[str, str] | None) -> None:
+        """What pod ``name`` itself serves besides its model, adapter -> the path it loaded it
+        from (``None``: forget its report, and route by what discovery declared)."""
         if name not in self._pods or self._reported.get(name) == adapters:
             return
         if adapters is None:
-            self._reported.pop(name, None)
+            self._forget_report(name)
         else:
-            self._reported[name] = adapters
+            self._reported[name] = dict(adapters)
+            self._serving[name] = frozenset(adapters)
         self._changed()
 
     def serving(self, pod: Pod) -> frozenset[str]:
         """The adapters requests may go to ``pod`` for."""
-        return self._reported.get(pod.spec.name, pod.spec.adapters)
+        return self._serving.get(pod.spec.name, pod.spec.adapters)
+
+    def adapter_path(self, pod: str, adapter: str) -> str | None:
+        """The path ``pod`` says it loaded ``adapter`` from (vLLM hashes it into every block of
+        the adapter's requests); ``None`` until it has said, or when it said none."""
+        return self._reported.get(pod, {}).get(adapter) or None
+
+    def _forget_report(self, name: str) -> None:
+        self._reported.pop(name, None)
+        self._serving.pop(name, None)
 
     def mark_loaded(self) -> None:
         self.loaded = True

@@ -6,7 +6,9 @@ the indexes live here. Two sources, per pod:
 
 - exact, for a pod that publishes KV-cache events and can be matched now
   (``KvEvents.hasher``): the prompt's token ids, as the pod computes them, are hashed into the
-  pod's own block names and looked up in the exact index;
+  pod's own block names and looked up in the exact index. A LoRA adapter's blocks also carry the
+  adapter's name and the path the pod loaded it from (its ``/v1/models`` says), so a pod that has
+  not said where it loaded the adapter from is matched approximately;
 - approximate for the others: the prompt's blocks looked up in the index of what this server
   sent where, which the producer itself writes after each pick.
 
@@ -51,9 +53,8 @@ class Hashed:
     """The prompt's exact token count, when the tokenizer produced real tokens."""
     pod_ids: Sequence[int] | None
     """The prompt's token ids as a vLLM pod computes them, when known (exact matching)."""
-    adapter: bool
-    """A LoRA adapter's request: its blocks carry the adapter's path, which only the pod
-    knows, so it is matched approximately."""
+    adapter: str | None
+    """The LoRA adapter the request names, if it names one."""
 
 
 class PrefixProducer:
@@ -95,7 +96,7 @@ class PrefixProducer:
             tokens = len(stream.data) // TOKEN_ID_WIDTH
         hashes = block_hashes(stream.data, stream.width, block, request.model)
         info = self._registry.model(request.model)
-        adapter = info is not None and info.parent is not None
+        adapter = request.model if info is not None and info.parent is not None else None
         return Hashed(hashes, max(1, block_tokens), tokens, stream.pod_ids, adapter)
 
     def _pod_block_size(self, model: str) -> int:
@@ -118,11 +119,13 @@ class PrefixProducer:
         prompt_tokens = len(prepared.hashes) * block
         ids = prepared.pod_ids
         sent: tuple[int, ...] = ()
-        if self._kv is not None and self._kv.states and not prepared.adapter:
+        if self._kv is not None and self._kv.states:
             if ids is not None:
                 prompt_tokens = max(prompt_tokens, len(ids))
                 sent = tuple(matched_tokens)
-                self._exact(ids, ctx.now, names, matched_tokens, held_tokens, precise)
+                self._exact(
+                    ids, prepared.adapter, ctx.now, names, matched_tokens, held_tokens, precise
+                )
             elif not self._warned:
                 self._warned = True
                 log.warning(
@@ -145,22 +148,31 @@ class PrefixProducer:
     def _exact(
         self,
         ids: Sequence[int],
+        adapter: str | None,
         now: float,
         names: list[str],
         matched: list[int],
         held: list[int],
         precise: list[bool],
     ) -> None:
-        """Overwrite the approximate figures of every pod that can be matched exactly."""
+        """Overwrite the approximate figures of every pod that can be matched exactly: pods
+        that hash alike (and, for an adapter, loaded it from the same path) share one hashing."""
         assert self._kv is not None
         kv = self._kv
-        groups: dict[int, tuple[BlockHasher, list[int]]] = {}
+        groups: dict[tuple[int, str | None], tuple[BlockHasher, list[int]]] = {}
         for i, name in enumerate(names):
             hasher = kv.hasher(name, now)
-            if hasher is not None:
-                groups.setdefault(id(hasher), (hasher, []))[1].append(i)
-        for hasher, positions in groups.values():
-            hashes = hasher.hashes(ids)
+            if hasher is None:
+                continue
+            path = None
+            if adapter is not None:
+                path = self._registry.adapter_path(name, adapter)
+                if path is None:
+                    continue
+            groups.setdefault((id(hasher), path), (hasher, []))[1].append(i)
+        for (_, path), (hasher, positions) in groups.items():
+            lora = (adapter, path) if adapter is not None and path is not None else None
+            hashes = hasher.hashes(ids, lora=lora)
             depths = kv.index.leading(hashes, [names[i] for i in positions])
             size = hasher.block_size
             for i, depth in zip(positions, depths, strict=True):

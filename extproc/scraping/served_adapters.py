@@ -1,9 +1,11 @@
 """Which LoRA adapters each pod holds, as the pod itself says.
 
 Every ``models_interval`` each ready pod's ``/v1/models`` is read. vLLM lists a loaded adapter
-with ``parent`` set to its base model, so those entries are the pod's adapters, and they are
-reported to the registry, which routes an adapter only to pods holding it from then on: an
-adapter unloaded on a pod stops going there within one interval, one loaded at runtime starts.
+with ``parent`` set to its base model and ``root`` the path it was loaded from, so those entries
+are the pod's adapters (the path, which vLLM hashes into the adapter's KV blocks, lets the prefix
+producer name those blocks exactly), and they are reported to the registry, which routes an
+adapter only to pods holding it from then on: an adapter unloaded on a pod stops going there
+within one interval, one loaded at runtime starts.
 A pod that does not answer in a vLLM shape (an error, a timeout, not a model list) keeps its last
 report, or, never having answered, the adapters discovery declared for it. Off the request path.
 """
@@ -23,8 +25,9 @@ from extproc.fleet.registry import Pod, PodRegistry
 log = logging.getLogger(__name__)
 
 
-def adapters_of(body: bytes) -> frozenset[str] | None:
-    """The adapters in a ``/v1/models`` answer; ``None`` when it is not one."""
+def adapters_of(body: bytes) -> dict[str, str] | None:
+    """The adapters in a ``/v1/models`` answer, each with its ``root`` (empty when absent);
+    ``None`` when it is not one."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -32,14 +35,14 @@ def adapters_of(body: bytes) -> frozenset[str] | None:
     data = document.get("data") if isinstance(document, dict) else None
     if not isinstance(data, list):
         return None
-    return frozenset(
-        entry["id"]
+    return {
+        entry["id"]: root if isinstance(root := entry.get("root"), str) else ""
         for entry in data
         if isinstance(entry, dict)
         and isinstance(entry.get("id"), str)
         and isinstance(entry.get("parent"), str)
         and entry["parent"]
-    )
+    }
 
 
 class ServedAdapters:
@@ -87,7 +90,7 @@ class ServedAdapters:
             return  # not a model list, or the pod changed while we asked
         before = self._registry.serving(pod)
         self._registry.report_adapters(pod.name, adapters)
-        if adapters != before:
+        if adapters.keys() != before:
             log.info(
                 "pod %s holds adapters %s",
                 pod.name,

