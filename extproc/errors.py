@@ -1,8 +1,10 @@
 """Every error the gateway returns, as one exception type with OpenAI's error shape.
 
 The exchange turns a ``GatewayError`` into an Envoy ImmediateResponse; nothing else may reach the
-client as an error, so the error table of docs/errors.md lives here in one place. A value the
-client sent is echoed at most ``ECHO_LIMIT`` characters long, the cut marked.
+client as an error, so the error table of docs/api.md lives here in one place. A value the
+client sent is echoed at most ``ECHO_LIMIT`` bytes long, cut the way the logs cut it (marked
+``...(+N bytes)``); and whatever a message quotes, no body carries more than ``MESSAGE_LIMIT``
+bytes of message, so a 10 KB header never comes back as a 10 KB error.
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ from dataclasses import dataclass
 
 import orjson
 
-ECHO_LIMIT = 256
-CUT_MARK = "...[cut]"
+from extproc.logs import FIELD_LIMIT, cut
+
+ECHO_LIMIT = FIELD_LIMIT
+MESSAGE_LIMIT = 1024
 
 
 def clip(value: str, limit: int = ECHO_LIMIT) -> str:
-    """``value`` cut to ``limit`` characters (the cut marked), for echoing or logging it."""
-    if len(value) <= limit:
-        return value
-    return value[: limit - len(CUT_MARK)] + CUT_MARK
+    """``value`` cut to about ``limit`` UTF-8 bytes, the cut marked, for echoing it."""
+    return cut(value, limit)
 
 
 @dataclass(eq=False)
@@ -37,10 +39,10 @@ class GatewayError(Exception):
         return orjson.dumps(
             {
                 "error": {
-                    "message": self.message,
+                    "message": clip(self.message, MESSAGE_LIMIT),
                     "type": self.type,
                     "code": self.code,
-                    "param": self.param,
+                    "param": None if self.param is None else clip(self.param),
                 }
             }
         )
@@ -56,7 +58,7 @@ def bad_request(
 
 
 def invalid_json(detail: str) -> GatewayError:
-    return GatewayError(400, f"Request body is not valid JSON: {detail}", code="invalid_json")
+    return GatewayError(400, f"Request body is not valid JSON: {clip(detail)}", code="invalid_json")
 
 
 def model_required() -> GatewayError:
@@ -90,7 +92,7 @@ def invalid_strategy(detail: str, header: str) -> GatewayError:
 def no_ready_pod(model: str, retry_after: int) -> GatewayError:
     return GatewayError(
         503,
-        f"No ready pod serves model {model}; retry later.",
+        f"No ready pod serves model {clip(model)}; retry later.",
         type="service_unavailable_error",
         code="no_ready_pod",
         retry_after=retry_after,
@@ -160,7 +162,7 @@ def limits_unavailable(retry_after: int) -> GatewayError:
 def internal(request_id: str) -> GatewayError:
     return GatewayError(
         500,
-        f"The gateway failed to process request {request_id}; it has been logged.",
+        f"The gateway failed to process request {clip(request_id)}; it has been logged.",
         type="server_error",
         code="internal_error",
     )

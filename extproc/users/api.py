@@ -18,7 +18,7 @@ from aiohttp import web
 
 from extproc.config import UsersSettings
 from extproc.config.settings import is_loopback
-from extproc.errors import GatewayError
+from extproc.errors import GatewayError, clip
 from extproc.telemetry import Telemetry
 from extproc.users.ratelimit import STORE_FAILURES
 from extproc.users.store import MAX_LIMIT, User, UserExists, UserNotFound, UserStore, name_problem
@@ -105,7 +105,7 @@ class UsersApi:
         try:
             return await operation
         except UserNotFound as exc:
-            raise _error(404, f"user {exc} does not exist", "user_not_found") from None
+            raise _error(404, f"user {clip(str(exc))} does not exist", "user_not_found") from None
         except STORE_FAILURES as exc:
             self._store_errors.inc()
             log.warning("users store call failed", extra={"error": str(exc) or type(exc).__name__})
@@ -167,7 +167,9 @@ async def _fields(
     for key in document:
         if key not in allowed:
             expected = ", ".join(f"`{k}`" for k in allowed)
-            raise _error(400, f"unknown field `{key}`; expected {expected}", "unknown_field", key)
+            raise _error(
+                400, f"unknown field `{clip(key, 64)}`; expected {expected}", "unknown_field", key
+            )
     for key in required:
         if key not in document:
             raise _error(400, f"`{key}` is required", "missing_field", key)

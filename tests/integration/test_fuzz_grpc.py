@@ -9,6 +9,8 @@ Bounded and deterministic: ``derandomize`` makes the examples the same on every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -17,15 +19,17 @@ import grpc
 import orjson
 import pytest
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from extproc.devstack.stack import LocalStack, StackConfig
 from tests import envoy_protocol as ep
 from tests.envoy_protocol import Stream
+from tests.helpers import eventually
 
 CHAT = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]})
 COMPLETION = orjson.dumps({"model": "m", "prompt": "hello", "max_tokens": 2, "stream": True})
+ADMITTED = "extproc_ratelimit_decisions_total"
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,10 @@ def metric(stack: LocalStack, name: str, labels: str = "") -> float:
         text = response.read().decode()
     pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)
     return sum(float(value) for found, value in pattern.findall(text) if labels in found)
+
+
+def valid_headers(strategy: str = "random") -> ProcessingRequest:
+    return ep.request_headers(headers={"routing-strategy": strategy, "user": "fuzz"})
 
 
 headers = st.builds(
@@ -84,21 +92,55 @@ message = st.one_of(
     st.just(ep.response_trailers()),
     st.just(ProcessingRequest()),
 )
-sequence = st.lists(message, max_size=6)
+routed = st.builds(
+    lambda strategy, payload: [valid_headers(strategy), ep.request_body(payload)],
+    st.sampled_from(["random", "least-request", "prefix-cache"]),
+    st.sampled_from([CHAT, COMPLETION]),
+)
+"""A whole request that routes (claims a pod, charges RPM): two of them on one stream is the
+repeated-headers defect; random messages around them put them out of order."""
+sequence = st.lists(st.one_of(routed, message.map(lambda one: [one])), max_size=5).map(
+    lambda parts: [one for part in parts for one in part]
+)
+ENDINGS = ("half-close", "cancel-after-answers", "cancel-at-once")
+"""Envoy half-closes when the request is over; a client or Envoy reset cancels the stream after
+the server has answered (and claimed), or before it has read anything."""
+
+H, B = valid_headers(), ep.request_body(CHAT)
+OUT_OF_ORDER = {
+    "second request_headers": [H, B, H, B],
+    "headers twice before a body": [H, H, B],
+    "body before headers": [B, H, B],
+    "response before request": [ep.response_headers(200), H, B],
+    "trailers first": [ep.request_trailers(), H, B],
+    "body after the route": [H, B, B],
+    "headers after an immediate response": [valid_headers("nope"), H, B],
+}
 
 
-async def drive(port: int, messages: list[ProcessingRequest], abandon: bool) -> None:
+async def drive(port: int, messages: list[ProcessingRequest], ending: str) -> None:
     stream = Stream(port)
     try:
         await stream.send(*messages)
-        if not abandon:
-            await stream.queue.put(None)  # half-close, as Envoy does when the request is over
-            try:
+        if ending == "half-close":
+            await stream.queue.put(None)
+            with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
                 await asyncio.wait_for(asyncio.shield(stream.reader), 3)
-            except (TimeoutError, grpc.aio.AioRpcError):
-                pass
+        elif ending == "cancel-after-answers":
+            # Fewer answers than messages when the server ended the stream early: cancel anyway.
+            with contextlib.suppress(AssertionError):
+                await eventually(
+                    lambda: stream.answers.qsize() >= len(messages) or stream.reader.done(),
+                    timeout=0.5,
+                    interval=0.005,
+                )
     finally:
         await stream.close()
+
+
+async def settled(stack: LocalStack) -> None:
+    """The server releases as soon as it sees the stream end."""
+    await eventually(lambda: metric(stack, "extproc_pod_in_flight") == 0, what="in-flight 0")
 
 
 @settings(
@@ -107,21 +149,66 @@ async def drive(port: int, messages: list[ProcessingRequest], abandon: bool) -> 
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(messages=sequence, abandon=st.booleans())
+@given(messages=sequence, ending=st.sampled_from(ENDINGS))
+@example(messages=OUT_OF_ORDER["second request_headers"], ending="half-close")
+@example(messages=OUT_OF_ORDER["second request_headers"], ending="cancel-after-answers")
 def test_no_sequence_leaks_a_claim_or_charges_twice(
-    stack: LocalStack, messages: list[ProcessingRequest], abandon: bool
+    stack: LocalStack, messages: list[ProcessingRequest], ending: str
 ) -> None:
-    admitted = metric(stack, "extproc_ratelimit_decisions_total", 'decision="admitted"')
-    asyncio.run(drive(stack.grpc_port, messages, abandon))
-    for _ in range(100):  # the server releases as soon as it sees the stream end
-        if metric(stack, "extproc_pod_in_flight") == 0:
-            break
-        asyncio.run(asyncio.sleep(0.05))
-    assert metric(stack, "extproc_pod_in_flight") == 0
-    assert metric(stack, "extproc_ratelimit_decisions_total", 'decision="admitted"') - admitted <= 1
+    admitted = metric(stack, ADMITTED, 'decision="admitted"')
+    asyncio.run(drive(stack.grpc_port, messages, ending))
+    asyncio.run(settled(stack))
+    assert metric(stack, ADMITTED, 'decision="admitted"') - admitted <= 1
+
+
+def moved(stream: Stream, answers_before: int) -> bool:
+    return stream.answers.qsize() > answers_before or stream.reader.done()
+
+
+async def until_ended(port: int, messages: list[ProcessingRequest]) -> grpc.aio.AioRpcError:
+    """Sends one message at a time, each after the answer to the one before, so that the
+    client is not writing when the server ends the stream; returns how the stream ended."""
+    stream = Stream(port)
+    try:
+        for message in messages:
+            before = stream.answers.qsize()
+            await stream.send(message)
+            await eventually(functools.partial(moved, stream, before))
+            if stream.reader.done():
+                break
+        await stream.queue.put(None)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(stream.reader, 5)
+        return ended.value
+    finally:
+        await stream.close()
+
+
+@pytest.mark.parametrize("name", list(OUT_OF_ORDER))
+def test_a_message_out_of_order_ends_the_stream_and_releases(stack: LocalStack, name: str) -> None:
+    admitted = metric(stack, ADMITTED, 'decision="admitted"')
+    violations = metric(stack, "extproc_protocol_errors_total")
+    ended = asyncio.run(until_ended(stack.grpc_port, OUT_OF_ORDER[name]))
+    assert ended.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "received" in (ended.details() or "")
+    asyncio.run(settled(stack))
+    assert metric(stack, ADMITTED, 'decision="admitted"') - admitted <= 1
+    assert metric(stack, "extproc_protocol_errors_total") == violations + 1
+
+
+async def malformed_http(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /" + b"a" * 80_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(64), 5)
+    writer.close()
+    return answer
 
 
 def test_the_server_still_routes_and_logged_no_traceback(stack: LocalStack) -> None:
+    """Last in the module: after every stream above and an 80 KB URL on the metrics port (one
+    WARNING line, not a traceback)."""
+    assert asyncio.run(malformed_http(stack.http_ports[0])).split(b" ")[1] == b"400"
     answers = asyncio.run(
         ep.run_stream(
             stack.grpc_port,
@@ -129,6 +216,11 @@ def test_the_server_still_routes_and_logged_no_traceback(stack: LocalStack) -> N
         )
     )
     assert "target-pod" in ep.set_headers(answers[-1])
-    log = (stack.workdir / "logs" / "extproc.log").read_text()
-    assert "Traceback" not in log
+    asyncio.run(settled(stack))
+    log = stack.workdir / "logs" / "extproc.log"
+    asyncio.run(eventually(lambda: "malformed HTTP request" in log.read_text(), what="warning"))
+    text = log.read_text()
+    assert "Traceback" not in text
+    (warning,) = [line for line in text.splitlines() if "malformed HTTP request" in line]
+    assert "WARNING" in warning and len(warning) < 400
     assert metric(stack, "extproc_internal_errors_total") == 0

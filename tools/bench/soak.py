@@ -6,15 +6,29 @@ shared prompts (the prefix index fills to its cap), many users under limits (the
 several strategies, request ids never repeated. Samples the server's VmRSS every ``--every``
 requests. Each request is a whole ext_proc exchange: headers, body, response headers, a response
 body with usage, end of stream.
+
+``--in-process`` runs the server in this process instead (same settings, same pods) and adds to
+each sample the live object count, the blocks Python's allocator holds, and the RSS after a full
+collection and ``malloc_trim(0)``: memory that a trim gives back was free already, held by the
+allocator, not by live objects.
+``--tracemalloc`` (in process too) traces allocations from the start and reports the sites that
+grew between the middle of the run and its end: a leak is a site that keeps growing with the
+number of requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import gc
 import json
+import logging
+import os
 import random
+import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +45,7 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-STRATEGIES = ("prefix-cache-and-load", "prefix-cache", "least-request", "random")
+STRATEGIES = "prefix-cache-and-load,prefix-cache,least-request,random"
 USAGE = b'{"usage": {"prompt_tokens": 40, "completion_tokens": 8, "total_tokens": 48}}'
 
 
@@ -74,7 +88,9 @@ async def run_stream(channel: Any, messages: list[Any]) -> None:
         pass
 
 
-async def one(channel: Any, rng: random.Random, n: int, users: int, shared: list[str]) -> None:
+async def one(
+    channel: Any, rng: random.Random, n: int, args: argparse.Namespace, shared: list[str]
+) -> None:
     if rng.random() < 0.5:
         prompt = rng.choice(shared) + f" question {n}"
     else:
@@ -82,45 +98,125 @@ async def one(channel: Any, rng: random.Random, n: int, users: int, shared: list
     body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}]})
     headers = {
         "x-request-id": f"soak-{n}",
-        "routing-strategy": STRATEGIES[n % len(STRATEGIES)],
-        "user": f"user-{rng.randrange(users)}",
+        "routing-strategy": args.strategy_list[n % len(args.strategy_list)],
+        "user": f"user-{rng.randrange(args.users)}",
     }
     await run_stream(channel, exchange(headers, body))
 
 
-async def drive(stack: LocalStack, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def drive(port: int, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     import grpc
 
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.grpc_port}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        return await _drive(stack, args, channel)
+        return await _drive(pid, args, channel)
     finally:
         await channel.close()
 
 
-async def _drive(stack: LocalStack, args: argparse.Namespace, channel: Any) -> list[dict[str, Any]]:
+def sample(pid: int, done: int, started: float, in_process: bool) -> dict[str, Any]:
+    taken: dict[str, Any] = {
+        "requests": done,
+        "rss_kib": rss_kib(pid),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    if in_process:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        taken["rss_trimmed_kib"] = rss_kib(pid)
+        taken["objects"] = len(gc.get_objects())
+        taken["python_blocks"] = sys.getallocatedblocks()
+    return taken
+
+
+async def _drive(pid: int, args: argparse.Namespace, channel: Any) -> dict[str, Any]:
     rng = random.Random(0)
     shared = ["".join(rng.choices("abcdefgh ", k=2000)) for _ in range(args.groups)]
-    pid = stack.servers[0].pid
-    samples = [{"requests": 0, "rss_kib": rss_kib(pid), "seconds": 0.0}]
     started = time.monotonic()
+    samples = [sample(pid, 0, started, args.in_process)]
+    middle: tracemalloc.Snapshot | None = None
+    result: dict[str, Any] = {}
     done = 0
     while done < args.requests:
         batch = min(args.concurrency, args.requests - done)
-        await asyncio.gather(
-            *(one(channel, rng, done + i, args.users, shared) for i in range(batch))
-        )
+        await asyncio.gather(*(one(channel, rng, done + i, args, shared) for i in range(batch)))
         done += batch
         if done % args.every < batch:
-            samples.append(
-                {
-                    "requests": done,
-                    "rss_kib": rss_kib(pid),
-                    "seconds": round(time.monotonic() - started, 1),
-                }
-            )
+            samples.append(sample(pid, done, started, args.in_process))
             print(f"{done:>8} requests  RSS {samples[-1]['rss_kib'] / 1024:.1f} MiB", flush=True)
-    return samples
+        if tracemalloc.is_tracing() and middle is None and done >= args.requests // 2:
+            gc.collect()
+            middle = tracemalloc.take_snapshot()
+            result["middle"] = {"requests": done, **heap_state()}
+    result["samples"] = samples
+    if middle is not None:
+        gc.collect()
+        end = tracemalloc.take_snapshot()
+        result["end"] = {"requests": done, **heap_state()}
+        result["grew"] = [
+            {
+                "site": str(stat.traceback[0]),
+                "size_diff_kib": round(stat.size_diff / 1024, 1),
+                "count_diff": stat.count_diff,
+            }
+            for stat in end.compare_to(middle, "lineno")[: args.top]
+        ]
+    return result
+
+
+def heap_state() -> dict[str, Any]:
+    current, _ = tracemalloc.get_traced_memory()
+    return {
+        "traced_kib": round(current / 1024),
+        "objects": len(gc.get_objects()),
+        "gc_counts": list(gc.get_count()),
+        "gc_collections": [generation["collections"] for generation in gc.get_stats()],
+    }
+
+
+async def in_process(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]:
+    """The server of ``command`` started in this process (``--tracemalloc``: traced from its
+    first allocation)."""
+    from extproc import config, logs
+    from extproc.app import Server
+    from extproc.devstack.processes import free_port
+
+    logs.setup("text", "info")
+    (handler,) = logging.getLogger().handlers
+    log_file = (stack.workdir / "logs" / "soak-in-process.log").open("w")
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(log_file)
+    if args.tracemalloc:
+        tracemalloc.start(args.frames)
+    server = Server(
+        config.load(
+            {
+                "config": str(stack.pods_file),
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "http_port": free_port(),
+                "users_port": free_port(),
+                **server_settings(args),
+            },
+            {},
+        )
+    )
+    await server.start()
+    try:
+        return await drive(server.grpc_port, os.getpid(), args)
+    finally:
+        await server.stop(grace=0.5)
+        tracemalloc.stop()
+        log_file.close()
+
+
+def server_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "unknown_user_policy": "default-limits",
+        "default_rpm": 100_000_000,
+        "default_tpm": 1_000_000_000,
+        "prefix_index_capacity": args.index_capacity,
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,27 +226,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=2_000)
     parser.add_argument("--groups", type=int, default=200, help="shared prompts")
     parser.add_argument("--index-capacity", type=int, default=50_000, help="prefix index cap")
+    parser.add_argument("--strategies", default=STRATEGIES, help="comma-separated, in turn")
+    parser.add_argument("--in-process", action="store_true", help="server in this process")
+    parser.add_argument(
+        "--tracemalloc", action="store_true", help="server in this process, allocations traced"
+    )
+    parser.add_argument("--frames", type=int, default=1, help="tracemalloc frames kept")
+    parser.add_argument("--top", type=int, default=25, help="allocation sites reported")
     parser.add_argument("--out", help="write the JSON result here")
 
 
 def command(args: argparse.Namespace, command_line: str) -> None:
+    args.strategy_list = args.strategies.split(",")
+    args.in_process = args.in_process or args.tracemalloc
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in server_settings(args).items()]
     config = StackConfig(
         pods=4,
         models=("m",),
         sim_defaults={"decode_time_base": 0.002},
-        server_args=[
-            "--unknown-user-policy",
-            "default-limits",
-            "--default-rpm",
-            "100000000",
-            "--default-tpm",
-            "1000000000",
-            "--prefix-index-capacity",
-            str(args.index_capacity),
-        ],
+        server_args=flags,
     )
     with LocalStack(config) as stack:
-        samples = asyncio.run(drive(stack, args))
+        if args.in_process:
+            run = asyncio.run(in_process(stack, args))
+        else:
+            run = asyncio.run(drive(stack.grpc_port, stack.servers[0].pid, args))
+    samples = run.pop("samples")
     plateau = samples[len(samples) // 2]
     end = samples[-1]
     per_request = (
@@ -160,11 +261,13 @@ def command(args: argparse.Namespace, command_line: str) -> None:
         "benchmark": "soak",
         "command": command_line,
         "requests": args.requests,
-        "samples": samples,
+        "strategies": args.strategy_list,
         "start_mib": round(samples[0]["rss_kib"] / 1024, 1),
         "plateau_mib": round(plateau["rss_kib"] / 1024, 1),
         "end_mib": round(end["rss_kib"] / 1024, 1),
         "bytes_per_request_second_half": round(per_request, 2),
+        **run,
+        "samples": samples,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
     if args.out:
