@@ -15,6 +15,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from extproc.fleet.registry import PodRegistry
+from extproc.logs import cut
 from extproc.telemetry import Telemetry
 
 
@@ -47,8 +48,6 @@ class BadRequestFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            from extproc.logs import cut
-
             record.msg = "malformed HTTP request answered %d: %s"
             record.args = (exc.code, cut(exc.message.splitlines()[0] if exc.message else "", 120))
             record.exc_info = None

@@ -40,9 +40,13 @@ def stack() -> Iterator[LocalStack]:
         yield running
 
 
-async def metric_samples(stack: LocalStack, name: str) -> dict[str, float]:
-    """``{label-string: value}`` for one metric family on the server's /metrics."""
-    async with aiohttp.ClientSession() as session, session.get(stack.metrics_url) as response:
+async def metric_samples(stack: LocalStack, name: str, url: str | None = None) -> dict[str, float]:
+    """``{label-string: value}`` for one metric family on the server's /metrics (``url``: one
+    replica's of ``stack.metrics_urls``)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url or stack.metrics_url) as response,
+    ):
         text = await response.text()
     samples = {}
     for line in text.splitlines():

@@ -9,7 +9,6 @@ local stack's processes."""
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from extproc.debug.v1.debug_pb2_grpc import RouterDebugStub
 from extproc.devstack.processes import free_port
 from extproc.devstack.stack import LocalStack, StackConfig
 from extproc.vllm_sim import PodSpec, SimParams, SimulatorFleet
+from tests.e2e.conftest import metric_samples
 from tests.helpers import eventually
 
 MODEL = "m"
@@ -135,7 +135,7 @@ async def test_announced_blocks_attract_from_both_replicas_and_dropped_ones_stop
         served = [await gateway.routed(session, [*PROMPT, 7, i]) for i in range(8)]
     assert served == ["b"] * 8
     per_replica = [
-        sum((await metric_samples_at(url, "extproc_requests_total")).values())
+        sum((await metric_samples(gateway.stack, "extproc_requests_total", url)).values())
         for url in gateway.stack.metrics_urls
     ]
     assert all(n >= 1 for n in per_replica), per_replica  # both replicas routed, and agreed
@@ -176,14 +176,3 @@ async def test_a_restarted_pod_is_forgotten_by_both_replicas(gateway: Gateway) -
     assert all(m["c"] == 0 for m in await gateway.matched(PROMPT))
     async with aiohttp.ClientSession() as session:
         await gateway.routed(session, PROMPT)  # still served, by whichever pod
-
-
-async def metric_samples_at(url: str, name: str) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        text = await response.text()
-    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$")
-    return {
-        m.group(1) or "": float(m.group(2))
-        for line in text.splitlines()
-        if (m := pattern.match(line))
-    }
