@@ -87,6 +87,9 @@ class Server:
         self.prefix = prefix_producer.build(
             settings.prefix, self.registry, self.readings, self.telemetry, self.kv_events
         )
+        self.telemetry.watch_indexes(
+            lambda: {"approximate": len(self.prefix.index), "exact": len(self.kv_events.index)}
+        )
         self.holds = Holds(settings.autoscaling, self.registry, routing.retry_after_seconds)
         self.signals = Signals(self.registry, self.readings, self.accounting, self.holds)
         self.telemetry.registry.register(SignalsCollector(self.signals))

@@ -8,7 +8,7 @@ request id.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -235,8 +235,31 @@ class Telemetry:
     def watch_fleet(self, pods: PodRegistry, readings: Readings, accounting: Accounting) -> None:
         self.registry.register(FleetCollector(pods, readings, accounting))
 
+    def watch_indexes(self, sizes: Callable[[], Mapping[str, int]]) -> None:
+        """``sizes``: entries per prefix index (``approximate``, ``exact``), read at scrape."""
+        self.registry.register(IndexCollector(sizes))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class IndexCollector(Collector):
+    """The prefix indexes' sizes, read at scrape time: memory grows with them (about 200 bytes
+    an entry), and an exact index that stops growing while pods cache is a stream gone quiet."""
+
+    def __init__(self, sizes: Callable[[], Mapping[str, int]]) -> None:
+        self._sizes = sizes
+
+    def collect(self) -> Iterable[Metric]:
+        blocks = GaugeMetricFamily(
+            "extproc_prefix_index_blocks",
+            "Block hashes in each prefix index: approximate (what this server sent where) and "
+            "exact (what the pods' KV-cache events say they hold).",
+            labels=["index"],
+        )
+        for index, size in self._sizes().items():
+            blocks.add_metric([index], size)
+        yield blocks
 
 
 class FleetCollector(Collector):

@@ -134,7 +134,9 @@ class PrefixMatches:
     matched: tuple[int, ...]
     """Leading prompt tokens each candidate holds."""
     held: tuple[int, ...]
-    """Tokens each candidate holds in all (where to put a prompt no pod holds yet)."""
+    """Tokens this server placed on each candidate and still counts as cached, in all: where
+    to put a prompt no pod holds yet. Its own record even where pods publish events, because
+    under cache pressure every pod's true count is "full"."""
     precise: tuple[bool, ...]
     """True where the pod's own KV-cache events say so; false where the server guesses from
     what it routed there."""
@@ -144,12 +146,26 @@ class PrefixMatches:
     then that already)."""
 
     def affinity(self, minimum: int) -> tuple[int, ...]:
-        """``matched``, or where no candidate holds ``minimum`` tokens, ``sent``: a prefix every
-        pod has evicted goes back to the pod its traffic went to, so under cache pressure each
-        prefix keeps one home instead of scattering copies that evict each other."""
-        if self.sent and max(self.matched) < minimum:
-            return self.sent
-        return self.matched
+        """The match to score: ``matched``, made sticky where this server sent the prompt, so
+        under cache pressure each prefix keeps one home instead of scattering copies that evict
+        each other.
+
+        - no candidate holds ``minimum`` tokens: ``sent`` (the prefix every pod evicted goes back
+          to the pod its traffic went to);
+        - a candidate that still holds ``minimum`` tokens of what was sent there (its tail was
+          evicted, the head is left): credited with all that was sent, so partial eviction does
+          not move the prefix to a pod holding none of it;
+        - a candidate that holds nothing of it counts as holding nothing.
+        """
+        sent = self.sent
+        if not sent:
+            return self.matched
+        if max(self.matched) < minimum:
+            return sent
+        return tuple(
+            max(held, was_sent) if held >= minimum else held
+            for held, was_sent in zip(self.matched, sent, strict=True)
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -269,7 +269,7 @@ class PrefixSettings:
     tokenizer: Literal["character", "hf", "remote"] = knob(
         "character",
         "how prompts are tokenised for prefix hashing: UTF-8 bytes, a local tokenizer.json "
-        "(hf_tokenizers), or the pod's vLLM /tokenize",
+        "(hf_tokenizers), or the vLLM /tokenize of the model's pods, each in turn",
         name="tokenizer",
     )
     hf_tokenizers: dict[str, str] = knob(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,11 +20,38 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+LOWEST_PORT = 10000
+_handed_out: set[int] = set()
+_ports = random.Random()
+
+
+def _ephemeral_floor() -> int:
+    """The kernel's first source port for outgoing connections (Linux), else the usual 32768."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, below the kernel's ephemeral range: a port the kernel hands
+    out (``bind(0)``) can be taken as the source port of some outgoing connection before the
+    child binds it, which under benchmark traffic happens. Never the same port twice in this
+    process, so two children started together cannot be given one port."""
+    ceiling = _ephemeral_floor()
+    for _ in range(200):
+        port = _ports.randrange(LOWEST_PORT, ceiling) if ceiling > LOWEST_PORT else 0
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free port on {host} below {ceiling}")
 
 
 def bin_path(name: str) -> str:

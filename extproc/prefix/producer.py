@@ -17,8 +17,9 @@ It also makes the prompt's token count exact when the tokenizer produced real to
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,9 +124,7 @@ class PrefixProducer:
             if ids is not None:
                 prompt_tokens = max(prompt_tokens, len(ids))
                 sent = tuple(matched_tokens)
-                self._exact(
-                    ids, prepared.adapter, ctx.now, names, matched_tokens, held_tokens, precise
-                )
+                self._exact(ids, prepared.adapter, ctx.now, names, matched_tokens, precise)
             elif not self._warned:
                 self._warned = True
                 log.warning(
@@ -152,11 +151,15 @@ class PrefixProducer:
         now: float,
         names: list[str],
         matched: list[int],
-        held: list[int],
         precise: list[bool],
     ) -> None:
-        """Overwrite the approximate figures of every pod that can be matched exactly: pods
-        that hash alike (and, for an adapter, loaded it from the same path) share one hashing."""
+        """Overwrite the approximate matches of every pod that can be matched exactly: pods
+        that hash alike (and, for an adapter, loaded it from the same path) share one hashing.
+
+        ``held`` stays this server's record of what it placed where. It decides where a prompt
+        nobody holds goes, so distinct prefixes spread evenly; the pods' own counts cannot:
+        under cache pressure every cache is full, and the last placement shows up only once its
+        prefill is done (two new prefixes in a row would land on one pod)."""
         assert self._kv is not None
         kv = self._kv
         groups: dict[tuple[int, str | None], tuple[BlockHasher, list[int]]] = {}
@@ -177,7 +180,6 @@ class PrefixProducer:
             size = hasher.block_size
             for i, depth in zip(positions, depths, strict=True):
                 matched[i] = depth * size
-                held[i] = kv.index.held(names[i]) * size
                 precise[i] = True
 
     def claimed(self, prepared: object, ctx: RoutingContext, index: int) -> None:
@@ -198,6 +200,18 @@ class PrefixProducer:
         await self.tokenizer.close()
 
 
+def rotating_pod_url(registry: PodRegistry) -> Callable[[str], str | None]:
+    """Where the remote tokenizer asks: the model's candidates in turn, so no one pod's API
+    server does every ``/tokenize`` (the call costs its CPU, and a busy pod answers late)."""
+    turn = itertools.count()
+
+    def pod_url(model: str) -> str | None:
+        pods = registry.candidates(model)
+        return pods[next(turn) % len(pods)].spec.base_url if pods else None
+
+    return pod_url
+
+
 def build(
     settings: PrefixSettings,
     registry: PodRegistry,
@@ -210,12 +224,7 @@ def build(
     if settings.tokenizer == "hf":
         tokenizer = HfTokenizer({m: Path(p) for m, p in settings.hf_tokenizers.items()})
     elif settings.tokenizer == "remote":
-
-        def pod_url(model: str) -> str | None:
-            pods = registry.candidates(model)
-            return pods[0].spec.base_url if pods else None
-
-        tokenizer = RemoteTokenizer(pod_url, settings.remote_timeout)
+        tokenizer = RemoteTokenizer(rotating_pod_url(registry), settings.remote_timeout)
     else:
         tokenizer = CharacterTokenizer()
     index = PrefixIndex(settings.index_capacity, settings.index_ttl)

@@ -87,6 +87,9 @@ async def test_announced_blocks_attract_and_removed_ones_stop(
     b = fleet.pod("b")
     await complete_on(b.url, PROMPT)  # straight to pod b: the server routed nothing there
     await eventually(lambda: held(server, "b") >= 6)
+    exported = server.telemetry.render().decode()
+    size = float(len(server.kv_events.index))
+    assert f'extproc_prefix_index_blocks{{index="exact"}} {size}' in exported
     assert await routed_to(server, PROMPT) == f"127.0.0.1:{b.port}"
     # b drops its cache: the next engine step announces it, and b attracts nothing more
     async with (

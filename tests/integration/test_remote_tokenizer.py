@@ -10,6 +10,9 @@ import pytest
 from aiohttp import web
 
 from extproc.devstack.processes import free_port
+from extproc.fleet.registry import PodRegistry
+from extproc.fleet.registry import PodSpec as Discovered
+from extproc.prefix.producer import rotating_pod_url
 from extproc.prefix.tokenizers import RemoteTokenizer
 from extproc.routing.openai_request import Endpoint, InferenceRequest
 from extproc.vllm_sim import PodSpec, SimParams, SimulatorFleet
@@ -85,3 +88,19 @@ async def test_token_id_prompts_need_no_call() -> None:
     request = InferenceRequest(endpoint=Endpoint.COMPLETIONS, model="m", token_ids=[5, 6, 7])
     stream = await tokenizer.tokenize("m", request)
     assert stream.source == "remote" and len(stream.data) == 12
+
+
+def test_calls_take_the_models_pods_in_turn() -> None:
+    registry = PodRegistry()
+    registry.replace_all(
+        [
+            Discovered("a", "127.0.0.1:1001", "m"),
+            Discovered("b", "127.0.0.1:1002", "m"),
+            Discovered("c", "127.0.0.1:1003", "other"),
+            Discovered("d", "127.0.0.1:1004", "m", ready=False),
+        ]
+    )
+    url = rotating_pod_url(registry)
+    asked = {url("m") for _ in range(4)}
+    assert asked == {"http://127.0.0.1:1001", "http://127.0.0.1:1002"}
+    assert url("nobody-serves-this") is None

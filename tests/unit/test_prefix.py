@@ -303,3 +303,42 @@ def test_a_prefix_every_pod_evicted_goes_back_where_it_was_sent(
     # a pod that really holds it still wins over where it was sent
     held = dataclasses.replace(evicted, matched=(10 * 16, 0, 0))
     assert best(list(strategy.score(context(pods, prefix=held))), pods) == "p0"
+
+
+@pytest.mark.parametrize("strategy", [PrefixCache(), PrefixCacheAndLoad(kv_tokens=0)])
+def test_a_home_that_kept_the_head_of_the_prefix_keeps_it(
+    strategy: PrefixCache | PrefixCacheAndLoad,
+) -> None:
+    # p1 is where the 125-block prefix was sent and still holds its first 20 blocks; two
+    # requests more than p0 there do not move the prefix to p0, which holds none of it
+    pods = fleet(0, 2, 0)
+    tail_evicted = dataclasses.replace(
+        prefix([0, 20, 0], [100, 900, 100], blocks=125),
+        precise=(True, True, True),
+        sent=(0, 125 * 16, 0),
+    )
+    assert tail_evicted.affinity(2 * 16) == (0, 125 * 16, 0)
+    assert best(list(strategy.score(context(pods, prefix=tail_evicted))), pods) == "p1"
+
+
+def full_caches(*loads: int, blocks: int = 300) -> list[PodSnapshot]:
+    """Pods with a fresh reading of their cache size (``blocks`` of 16 tokens) and a load."""
+    cache = PodMetrics(running=0, waiting=0, num_gpu_blocks=blocks, block_size=16)
+    return [snapshot(f"p{i}", cache, in_flight=load) for i, load in enumerate(loads)]
+
+
+def test_a_miss_on_a_full_cache_costs_the_prefix_it_evicts() -> None:
+    # p0 holds the 125-block prefix and carries five requests more than p1
+    pods = full_caches(5, 0)
+    full = prefix([125, 0], [300, 300], blocks=125)
+    empty = prefix([125, 0], [125, 0], blocks=125)
+    strategy = PrefixCacheAndLoad(kv_tokens=0)
+    # p1's cache is full of other prefixes: copying this one there evicts as much of them
+    assert best(list(strategy.score(context(pods, prefix=full))), pods) == "p0"
+    # p1 has room: the copy evicts nothing, and five requests of queue outweigh the prefill
+    assert best(list(strategy.score(context(pods, prefix=empty))), pods) == "p1"
+    # the term off, or a pod not saying how big its cache is: as before, load wins
+    off = PrefixCacheAndLoad(kv_tokens=0, evict_weight=0)
+    assert best(list(off.score(context(pods, prefix=full))), pods) == "p1"
+    unknown = [pods[0], snapshot("p1", PodMetrics(running=0, waiting=0))]
+    assert best(list(strategy.score(context(unknown, prefix=full))), unknown) == "p1"
