@@ -10,9 +10,12 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
+from extproc.config import ScrapingSettings
 from extproc.devstack.stack import LocalStack, StackConfig
 from tests.e2e.conftest import metric_samples, served_by
 from tools.bench.workloads import text
+
+SCRAPE_INTERVAL = ScrapingSettings().interval
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,9 @@ async def test_repeated_long_prompts_stick_to_one_pod(stack: LocalStack, strateg
 
 @pytest.mark.parametrize("strategy", ["prefix-cache", "prefix-cache-and-load"])
 async def test_different_prefixes_spread_over_the_pods(stack: LocalStack, strategy: str) -> None:
+    # A reading taken while an earlier test's request ran still counts it as running until the
+    # next scrape: wait for readings of idle pods, so the loads below are all equal.
+    await asyncio.sleep(SCRAPE_INTERVAL + 0.5)
     async with aiohttp.ClientSession() as session:
         first = Counter(
             [await send(session, stack, prompt(100 + g), "q", strategy) for g in range(9)]
