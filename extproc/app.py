@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from typing import TYPE_CHECKING
@@ -41,6 +40,7 @@ from extproc.routing.plans import Plans
 from extproc.scraping.readings import Readings
 from extproc.scraping.scraper import Scraper
 from extproc.scraping.served_adapters import ServedAdapters
+from extproc.tasks import cancel_and_wait
 from extproc.telemetry import Telemetry
 from extproc.tls import ServerCertificates
 from extproc.users.api import UsersApi
@@ -308,11 +308,7 @@ class Server:
         await self.kv_events.stop()
         await self.scaler_counts.stop()
         await self.prefix.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         if self.cluster is not None:
             await self.cluster.stop()
         await self.users_api.stop()

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from extproc.fleet.registry import PodRegistry
 from extproc.routing.accounting import Accounting
 from extproc.routing.holds import Holds
+from extproc.tasks import cancel_and_wait
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,8 @@ class LocalCounts:
         self._task = asyncio.create_task(self._poll(), name="autoscaling-poll")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     def _notify(self, names: set[str]) -> None:
         for name in sorted(names):
@@ -201,11 +199,7 @@ class RedisCounts(LocalCounts):
 
     async def stop(self) -> None:
         await super().stop()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         # Leave at once rather than when the key expires; best effort, bounded.
         with contextlib.suppress(RedisError, OSError, TimeoutError):

@@ -19,7 +19,6 @@ release); readers get the fit subset of a decision's candidates.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import aiohttp
 
 from extproc.config import HealthSettings
 from extproc.fleet.registry import PodRegistry
+from extproc.tasks import cancel_and_wait
 from extproc.telemetry import Telemetry
 from strategies.context import PodSnapshot
 
@@ -149,11 +149,7 @@ class PodHealth:
 
     async def stop(self) -> None:
         tasks = [*self._probes, *([self._task] if self._task else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
         if self._session is not None:
             await self._session.close()
 

@@ -8,7 +8,6 @@ same cache, so a pod is fetched once. InferencePool discovery watches its own po
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -32,6 +31,7 @@ from extproc.kube.informer import Informer
 from extproc.kube.lease import LeaderLease
 from extproc.kube.metrics import KubeMetrics
 from extproc.kube.model_labels import SELECTOR, MisplacedKeyReport
+from extproc.tasks import cancel_and_wait
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,7 @@ class Cluster:
             await self._pods.wait_synced()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         for informer in self.informers:
             await informer.stop()
         if self.pool is not None:

@@ -10,7 +10,6 @@ everything once, so a restart never deletes routes of models it has not seen yet
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from extproc.kube.informer import DEFAULT_BACKOFF, Backoff, Change, Informer, Ob
 from extproc.kube.lease import LeaderLease
 from extproc.kube.metrics import KubeMetrics
 from extproc.kube.model_labels import MisplacedKeyReport
+from extproc.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,7 @@ class HTTPRouteController:
                     failures = 0
                     wait = self._resync
         finally:
-            lease.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lease
+            await cancel_and_wait([lease])
             self._metrics.leader.set(0)
             self._executor.shutdown(wait=False)
 

@@ -12,7 +12,6 @@ with a log line saying why, and stays approximate; so does a pod whose events st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -27,6 +26,7 @@ from extproc.kvevents.block_hash import BlockHasher, UnreproducibleHashError
 from extproc.kvevents.index import ExactIndex
 from extproc.kvevents.subscriber import PodEvents, Subscriber
 from extproc.scraping.readings import Reading, Readings
+from extproc.tasks import cancel_and_wait
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,7 @@ class KvEvents:
     async def stop(self) -> None:
         self._running = False
         tasks = [task for _, task in self._tasks.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
         self._tasks.clear()
         if self._context is not None:
             self._context.term()

@@ -11,7 +11,6 @@ pod).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from extproc.kvevents.index import ExactIndex
 from extproc.kvevents.wire import Batch, Cleared, Removed, Stored, WireError, decode
+from extproc.tasks import cancel_and_wait
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,7 @@ class Subscriber:
                     continue
                 await self._take(batch)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await cancel_and_wait([watcher])
             socket.disable_monitor()
             monitor.close(0)
             socket.close(0)

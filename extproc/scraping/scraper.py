@@ -14,7 +14,6 @@ labels, which feed one-second statistics, once a second.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -25,6 +24,7 @@ from extproc.fleet.registry import PodRegistry, PodSpec
 from extproc.scraping.page_fetcher import PageCallback, PageFetcher
 from extproc.scraping.parser import Hints, MetricsParseError, parse
 from extproc.scraping.readings import Reading, Readings
+from extproc.tasks import cancel_and_wait
 from extproc.telemetry import Telemetry
 from strategies.context import Histogram, MetricsWindow, PodMetrics
 
@@ -88,11 +88,8 @@ class Scraper:
         self.sync()
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        await cancel_and_wait([self._ticker])
+        self._ticker = None
         for target in self._targets.values():
             if target.fetcher is not None:
                 target.fetcher.abort()

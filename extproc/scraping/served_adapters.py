@@ -13,7 +13,6 @@ report, or, never having answered, the adapters discovery declared for it. Off t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import aiohttp
@@ -21,6 +20,7 @@ import orjson
 
 from extproc.config import ScrapingSettings
 from extproc.fleet.registry import Pod, PodRegistry
+from extproc.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,8 @@ class ServedAdapters:
         self._task = asyncio.create_task(self._run(), name="served-adapters")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         if self._session is not None:
             await self._session.close()
             self._session = None

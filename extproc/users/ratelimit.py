@@ -19,7 +19,6 @@ are counted per call and logged at most every ``WARN_EVERY`` s per operation.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from redis.exceptions import RedisError
 
 from extproc import errors
 from extproc.config import UsersSettings
+from extproc.tasks import cancel_and_wait
 from extproc.telemetry import Telemetry
 from extproc.users.sliding_window import retry_after_seconds
 from extproc.users.store import Decision, UserStore, Verdict, name_problem, printable
@@ -155,11 +155,8 @@ class RateLimiter:
 
     async def stop(self) -> None:
         """Send what is still queued (bounded like any store call), then close the store."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         await self.flush()
         await self._store.close()
 

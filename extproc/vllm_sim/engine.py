@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from extproc.kvevents.block_hash import BlockHasher
+from extproc.tasks import cancel_and_wait
 
 from .config import SimParams
 from .kv_cache import KVCacheManager
@@ -95,11 +96,8 @@ class Engine:
         self._task = asyncio.create_task(self._run(), name="vllm-sim-engine")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         for seq in [*self.running, *self.waiting]:
             self._finish(seq, "abort", self.now())
         self.running.clear()
